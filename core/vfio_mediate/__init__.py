@@ -1,0 +1,88 @@
+"""vfio-mediate: mediate VFIO device access through vendor plugins, serve it over vfio-user.
+
+``MediatedDevice`` puts the first mediator that claims a device (``MediatorRegistry``) in front
+of its backend (``EmulatedPciDevice``); ``vfio_mediate.hookspecs`` is the contract mediators
+implement and ``vfio_mediate.uapi`` the Linux VFIO numbers and types they share.
+"""
+
+from ._backend import DeviceBackend, DeviceIdentity, RegionMapping, Trigger
+from ._device import MediatedDevice, MediatorDevice, MigrationStream
+from ._devices import create_device, discover_device_models
+from ._dirty import DirtyBitmap, DirtyLog
+from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
+from ._errors import (
+    AccessError,
+    ContractViolation,
+    DeviceSpecError,
+    DeviceStateError,
+    DuplicateMediatorError,
+    MediatorInUseError,
+    MigrationError,
+    PluginError,
+    PluginLoadError,
+    RegistryError,
+    VfioMediateError,
+)
+from ._migration import ARCS, SAVING_ARCS, migration_path, next_step
+from ._pci import Config, DeviceBus, EmulatedPciDevice
+from ._registry import (
+    DEVICE_GROUP,
+    ENV_DISABLE,
+    ENV_ONLY,
+    MEDIATOR_GROUP,
+    Claim,
+    MediatorRegistry,
+    PluginRecord,
+    Priority,
+)
+from ._rules import Rule
+from ._spec import BarSpec, DeviceSpec, MsixSpec, load_spec
+
+__all__ = [
+    "ARCS",
+    "DEVICE_GROUP",
+    "ENV_DISABLE",
+    "ENV_ONLY",
+    "MEDIATOR_GROUP",
+    "SAVING_ARCS",
+    "AccessError",
+    "BarSpec",
+    "Claim",
+    "Config",
+    "ContractViolation",
+    "DeviceBackend",
+    "DeviceBus",
+    "DeviceIdentity",
+    "DeviceSpec",
+    "DeviceSpecError",
+    "DeviceStateError",
+    "DirtyBitmap",
+    "DirtyLog",
+    "DmaMapping",
+    "DmaSpace",
+    "DuplicateMediatorError",
+    "EmulatedPciDevice",
+    "MediatedDevice",
+    "MediatorDevice",
+    "MediatorInUseError",
+    "MediatorRegistry",
+    "MigrationError",
+    "MigrationStream",
+    "MsixSpec",
+    "PluginError",
+    "PluginLoadError",
+    "PluginRecord",
+    "Priority",
+    "RegionMapping",
+    "RegistryError",
+    "RemoteMemory",
+    "Rule",
+    "Trigger",
+    "VfioMediateError",
+    "anonymous_memory",
+    "create_device",
+    "discover_device_models",
+    "load_spec",
+    "migration_path",
+    "next_step",
+]

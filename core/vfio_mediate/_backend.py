@@ -1,0 +1,91 @@
+"""The narrow interface between ``MediatedDevice`` and the device behind it (its backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from ._dma import DmaSpace
+from .uapi import DeviceInfo, IrqInfo, RegionInfo
+
+__all__ = ["DeviceBackend", "DeviceIdentity", "RegionMapping", "Trigger"]
+
+Trigger = Callable[[], None]
+"""Raises one interrupt (e.g. writes 1 to an eventfd)."""
+
+
+class RegionMapping(NamedTuple):
+    """Where a client maps a region area: ``length`` bytes of file ``fd`` from ``file_offset``.
+
+    The fd stays owned by the device; a client that keeps it must ``os.dup`` it.
+    """
+
+    fd: int
+    file_offset: int
+
+
+class DeviceIdentity(NamedTuple):
+    """The PCI identity a mediator sees at open."""
+
+    vendor_id: int
+    device_id: int
+    subsystem_vendor_id: int
+    subsystem_id: int
+    class_code: int
+    revision: int
+
+
+@runtime_checkable
+class DeviceBackend(Protocol):
+    """ "The physical device" behind a ``MediatedDevice``: an emulated PCI function today,
+    ``/dev/vfio`` or a remote vfio-user device later.
+
+    Region accesses arrive already checked against the region's size. Errors are ``OSError``
+    with an errno.
+    """
+
+    @property
+    def name(self) -> str:
+        """The device's name (for logs and errors)."""
+
+    @property
+    def identity(self) -> DeviceIdentity:
+        """The PCI identity mediators see at open."""
+
+    @property
+    def dma(self) -> DmaSpace | None:
+        """The DMA address space the device writes guest memory through, if any."""
+
+    @property
+    def model(self) -> Any:
+        """The behaviour object of an emulated device model, or ``None``."""
+
+    def device_info(self) -> DeviceInfo:
+        """Flags, number of regions and of IRQ indexes."""
+
+    def region_info(self, index: int) -> RegionInfo:
+        """The device's own info of region ``index`` (``index < num_regions``)."""
+
+    def read(self, index: int, offset: int, count: int) -> bytes:
+        """Read ``count`` bytes of region ``index`` at ``offset``."""
+
+    def write(self, index: int, offset: int, data: bytes) -> int:
+        """Write ``data`` to region ``index`` at ``offset``; returns the bytes written."""
+
+    def mmap(self, index: int, offset: int, length: int) -> RegionMapping:
+        """Where a client maps ``length`` bytes of region ``index`` at ``offset``."""
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """The IRQ index's info."""
+
+    def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
+        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
+
+    def fire_irqs(self, index: int, start: int, count: int) -> None:
+        """Raise vectors ``start`` to ``start + count - 1`` (VFIO_IRQ_SET_DATA_NONE|TRIGGER)."""
+
+    def reset(self) -> None:
+        """Reset the device (``VFIO_DEVICE_RESET``)."""
+
+    def close(self) -> None:
+        """Free what the device holds (memory, fds)."""

@@ -1,0 +1,68 @@
+"""Device models: discovery through ``vfio_mediate.devices`` and building a device from a SPEC."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ._errors import DeviceSpecError
+from ._pci import EmulatedPciDevice
+from ._registry import DEVICE_GROUP, PluginRecord, entry_points, load_entry_point
+from ._spec import DeviceSpec, load_spec
+
+__all__ = ["create_device", "discover_device_models"]
+
+logger = logging.getLogger(__name__)
+
+
+def discover_device_models() -> list[PluginRecord]:
+    """Every device model entry point the environment allows; ``plugin`` is its factory."""
+    records = []
+    for ep in entry_points(DEVICE_GROUP):
+        record, factory = load_entry_point(ep, DEVICE_GROUP)
+        if factory is not None and not callable(factory):
+            record.error = f"{ep.value!r} is not a callable factory"
+        else:
+            record.plugin = factory
+        records.append(record)
+    return records
+
+
+def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> EmulatedPciDevice:
+    """Build an emulated device from a model name, a TOML spec path or a ``DeviceSpec``.
+
+    A model's factory returns ``(spec, model)``: the spec as plain data and the behaviour object.
+    """
+    if isinstance(spec, DeviceSpec):
+        return EmulatedPciDevice(spec.model_copy(update={"name": name}) if name else spec)
+    text = str(spec)
+    if text.endswith(".toml") or Path(text).is_file():
+        loaded = load_spec(text)
+        return EmulatedPciDevice(loaded.model_copy(update={"name": name}) if name else loaded)
+    models = {record.name: record for record in discover_device_models()}
+    record = models.get(text)
+    if record is None:
+        known = ", ".join(sorted(models)) or "none installed"
+        raise DeviceSpecError(
+            f"{text!r} is neither a spec file nor a device model (models: {known})"
+        )
+    if record.error is not None:
+        raise DeviceSpecError(f"device model {record.describe()} failed to load: {record.error}")
+    return _from_factory(record, name or text)
+
+
+def _from_factory(record: PluginRecord, name: str) -> EmulatedPciDevice:
+    try:
+        made: Any = record.plugin()
+        plain, model = made
+    except Exception as exc:
+        raise DeviceSpecError(
+            f"device model {record.describe()}: factory failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(plain, dict):
+        raise DeviceSpecError(f"device model {record.describe()}: spec must be a dict")
+    spec = DeviceSpec.from_plain(
+        {**plain, "name": name}, source=f"device model {record.describe()}"
+    )
+    return EmulatedPciDevice(spec, model)

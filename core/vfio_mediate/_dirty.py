@@ -1,0 +1,119 @@
+"""Dirty page logging: the bitmap behind ``VFIO_DEVICE_FEATURE_DMA_LOGGING_*``."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterable
+from typing import final
+
+from ._errors import AccessError
+
+__all__ = ["DirtyBitmap", "DirtyLog"]
+
+
+@final
+class DirtyBitmap:
+    """One bit per page of ``[iova, iova + length)``: bit ``n`` is byte ``n // 8``, bit ``n % 8``,
+    which is the layout of Linux's array of little-endian u64s."""
+
+    def __init__(self, iova: int, length: int, page_size: int) -> None:
+        self.iova = iova
+        self.length = length
+        self.page_size = page_size
+        self.pages = -(-length // page_size)
+        self.bits = bytearray(-(-self.pages // 8))
+
+    def set_pages(self, first: int, last: int) -> None:
+        """Set the bits of pages ``first`` to ``last`` inclusive (bulk, not per bit)."""
+        bits = self.bits
+        first_byte, last_byte = first >> 3, last >> 3
+        if first_byte == last_byte:
+            bits[first_byte] |= (0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))
+            return
+        bits[first_byte] |= (0xFF << (first & 7)) & 0xFF
+        bits[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
+        bits[last_byte] |= 0xFF >> (7 - (last & 7))
+
+    def page_numbers(self) -> list[int]:
+        """The set pages, as page numbers counted from ``iova``."""
+        value = int.from_bytes(self.bits, "little")
+        pages = []
+        while value:
+            low = value & -value
+            pages.append(low.bit_length() - 1)
+            value ^= low
+        return pages
+
+
+@final
+class DirtyLog:
+    """The log a mediator marks while DMA logging runs; the core reports and clears it.
+
+    ``mark`` is thread-safe and cheap; writes outside the logged ranges are ignored.
+    """
+
+    def __init__(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> None:
+        if page_size <= 0 or page_size & (page_size - 1) or page_size < 4096:
+            raise AccessError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
+        spans = sorted((int(iova), int(length)) for iova, length in ranges)
+        if not spans:
+            raise AccessError(errno.EINVAL, "dirty logging needs at least one IOVA range")
+        end = -1
+        for iova, length in spans:
+            if length <= 0 or iova < 0 or iova % page_size or iova < end:
+                raise AccessError(
+                    errno.EINVAL, f"bad or overlapping logging range {iova:#x}+{length:#x}"
+                )
+            end = iova + length
+        self.page_size = page_size
+        self.ranges = spans
+        self._shift = page_size.bit_length() - 1
+        self._bitmaps = [DirtyBitmap(iova, length, page_size) for iova, length in spans]
+        self._lock = threading.Lock()
+
+    def mark(self, iova: int, length: int) -> None:
+        """Record that the device wrote (or may write) ``[iova, iova + length)``."""
+        if length <= 0:
+            return
+        end = iova + length
+        with self._lock:
+            for bitmap in self._bitmaps:
+                low = max(iova, bitmap.iova)
+                high = min(end, bitmap.iova + bitmap.length)
+                if low < high:
+                    bitmap.set_pages(
+                        (low - bitmap.iova) >> self._shift, (high - 1 - bitmap.iova) >> self._shift
+                    )
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """Read and clear the log for ``[iova, iova + length)``: a bitmap of 64-bit words,
+        bit ``n`` for the page at ``iova + n * page_size``."""
+        if page_size != self.page_size:
+            raise AccessError(
+                errno.EINVAL,
+                f"report page size {page_size} differs from the logging's {self.page_size}",
+            )
+        if length <= 0 or iova % page_size or iova < 0:
+            raise AccessError(errno.EINVAL, f"bad report range {iova:#x}+{length:#x}")
+        pages = -(-length // page_size)
+        out = DirtyBitmap(iova, length, page_size)
+        end = iova + length
+        with self._lock:
+            windows = [
+                (bitmap, max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length))
+                for bitmap in self._bitmaps
+                if max(iova, bitmap.iova) < min(end, bitmap.iova + bitmap.length)
+            ]
+            if sum(high - low for _, low, high in windows) < length:
+                raise AccessError(errno.EINVAL, f"range {iova:#x}+{length:#x} is not all logged")
+            target = 0
+            for bitmap, low, high in windows:
+                first = (low - bitmap.iova) >> self._shift
+                mask = (1 << -(-(high - low) // page_size)) - 1
+                source = int.from_bytes(bitmap.bits, "little")
+                target |= ((source >> first) & mask) << ((low - iova) >> self._shift)
+                bitmap.bits[:] = (source & ~(mask << first)).to_bytes(len(bitmap.bits), "little")
+            out.bits[:] = target.to_bytes(len(out.bits), "little")
+        words = -(-pages // 64)
+        return bytes(out.bits) + bytes(words * 8 - len(out.bits))

@@ -1,0 +1,249 @@
+"""A device's DMA address space: IOVA ranges mapped to memory the device may read and write."""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import final
+
+from ._errors import AccessError
+
+__all__ = ["DmaMapping", "DmaSpace", "RemoteMemory"]
+
+
+class RemoteMemory:
+    """Memory that is reached by messages instead of a mapping (vfio-user DMA_READ/DMA_WRITE).
+
+    A subclass implements ``read`` and ``write`` for offsets inside the mapping.
+    """
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` of the mapping."""
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the mapping."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class DmaMapping:
+    """One mapped IOVA range: backed by a buffer (``memory``) or by ``remote`` messages."""
+
+    iova: int
+    size: int
+    readable: bool
+    writable: bool
+    memory: memoryview | None = None
+    remote: RemoteMemory | None = None
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def end(self) -> int:
+        """The first IOVA past the mapping."""
+        return self.iova + self.size
+
+    def close(self) -> None:
+        """Drop the mapping's memory (unmap it if the space mapped it)."""
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+
+WriteWatcher = Callable[[int, int], None]
+
+
+@final
+class DmaSpace:
+    """IOVA -> memory, as an IOMMU gives a device: ``read``/``write`` at IOVAs, nothing else.
+
+    Accesses outside every mapping raise ``AccessError(EFAULT)``; writes to a read-only mapping
+    ``AccessError(EPERM)``. Mapping over an existing mapping raises ``AccessError(EEXIST)``.
+    ``watch`` registers a callback for every write the device makes (the ground truth that
+    tests compare dirty logging against; a real device cannot tell this).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._starts: list[int] = []
+        self._maps: list[DmaMapping] = []
+        self._watchers: tuple[WriteWatcher, ...] = ()
+
+    def map_memory(
+        self,
+        iova: int,
+        memory: memoryview | bytearray | mmap.mmap,
+        *,
+        readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:
+        """Map ``memory`` (a writable buffer) at ``iova``."""
+        view = memoryview(memory).cast("B")
+        return self._add(DmaMapping(iova, len(view), readable, writable, memory=view))
+
+    def map_fd(
+        self,
+        iova: int,
+        size: int,
+        fd: int,
+        offset: int = 0,
+        *,
+        readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:
+        """Map ``size`` bytes of the file ``fd`` from ``offset`` at ``iova`` (shared mapping).
+
+        The space maps the file itself; the caller keeps ownership of ``fd``.
+        """
+        if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+            raise AccessError(errno.EINVAL, f"bad DMA mapping size {size:#x} or offset {offset:#x}")
+        prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
+        try:
+            mapped = mmap.mmap(
+                fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ, offset=offset
+            )
+        except (OSError, ValueError) as exc:
+            raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
+        mapping = DmaMapping(
+            iova, size, readable, writable, memory=memoryview(mapped), _mmap=mapped
+        )
+        try:
+            return self._add(mapping)
+        except AccessError:
+            mapping.close()
+            raise
+
+    def map_remote(
+        self,
+        iova: int,
+        size: int,
+        remote: RemoteMemory,
+        *,
+        readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:
+        """Map ``size`` bytes at ``iova`` reached through ``remote``."""
+        return self._add(DmaMapping(iova, size, readable, writable, remote=remote))
+
+    def _add(self, mapping: DmaMapping) -> DmaMapping:
+        if mapping.size <= 0 or mapping.iova < 0 or mapping.end > 1 << 64:
+            raise AccessError(errno.EINVAL, f"bad DMA range {mapping.iova:#x}+{mapping.size:#x}")
+        with self._lock:
+            at = bisect.bisect_left(self._starts, mapping.iova)
+            before = self._maps[at - 1] if at else None
+            after = self._maps[at] if at < len(self._maps) else None
+            if (before and before.end > mapping.iova) or (after and after.iova < mapping.end):
+                raise AccessError(
+                    errno.EEXIST, f"DMA range {mapping.iova:#x}+{mapping.size:#x} is already mapped"
+                )
+            self._starts.insert(at, mapping.iova)
+            self._maps.insert(at, mapping)
+        return mapping
+
+    def unmap(self, iova: int, size: int) -> None:
+        """Unmap the mapping that is exactly ``[iova, iova + size)``."""
+        with self._lock:
+            at = bisect.bisect_left(self._starts, iova)
+            if at == len(self._maps) or self._maps[at].iova != iova or self._maps[at].size != size:
+                raise AccessError(errno.EINVAL, f"no DMA mapping is exactly {iova:#x}+{size:#x}")
+            del self._starts[at]
+            self._maps.pop(at).close()
+
+    def unmap_all(self) -> None:
+        """Unmap everything."""
+        with self._lock:
+            for mapping in self._maps:
+                mapping.close()
+            self._starts.clear()
+            self._maps.clear()
+
+    @property
+    def mappings(self) -> tuple[DmaMapping, ...]:
+        """The current mappings, by IOVA."""
+        with self._lock:
+            return tuple(self._maps)
+
+    def watch(self, watcher: WriteWatcher) -> Callable[[], None]:
+        """Call ``watcher(iova, length)`` after every write; returns the function that stops it."""
+        with self._lock:
+            self._watchers = (*self._watchers, watcher)
+
+        def stop() -> None:
+            with self._lock:
+                self._watchers = tuple(w for w in self._watchers if w is not watcher)
+
+        return stop
+
+    def _pieces(self, iova: int, length: int, write: bool) -> list[tuple[DmaMapping, int, int]]:
+        """Split an access into (mapping, offset in it, length) pieces, or raise."""
+        pieces = []
+        at = bisect.bisect_right(self._starts, iova) - 1
+        position, end = iova, iova + length
+        while position < end:
+            if (
+                at < 0
+                or at >= len(self._maps)
+                or not (self._maps[at].iova <= position < self._maps[at].end)
+            ):
+                raise AccessError(errno.EFAULT, f"DMA address {position:#x} is not mapped")
+            mapping = self._maps[at]
+            if not (mapping.writable if write else mapping.readable):
+                raise AccessError(
+                    errno.EPERM,
+                    f"DMA {'write to' if write else 'read of'} {position:#x}: mapping forbids it",
+                )
+            piece = min(end, mapping.end) - position
+            pieces.append((mapping, position - mapping.iova, piece))
+            position += piece
+            at += 1
+        return pieces
+
+    def read(self, iova: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``iova``."""
+        with self._lock:
+            chunks = []
+            for mapping, offset, piece in self._pieces(iova, length, write=False):
+                if mapping.memory is not None:
+                    chunks.append(bytes(mapping.memory[offset : offset + piece]))
+                else:
+                    assert mapping.remote is not None
+                    chunks.append(mapping.remote.read(offset, piece))
+            return b"".join(chunks)
+
+    def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``iova``."""
+        with self._lock:
+            done = 0
+            for mapping, offset, piece in self._pieces(iova, len(data), write=True):
+                if mapping.memory is not None:
+                    mapping.memory[offset : offset + piece] = data[done : done + piece]
+                else:
+                    assert mapping.remote is not None
+                    mapping.remote.write(offset, bytes(data[done : done + piece]))
+                done += piece
+            watchers = self._watchers
+        for watcher in watchers:
+            watcher(iova, len(data))
+
+    def read_u64(self, iova: int) -> int:
+        """Read a little-endian 64-bit value at ``iova``."""
+        return int.from_bytes(self.read(iova, 8), "little")
+
+
+def anonymous_memory(size: int, name: str = "vfio-mediate") -> tuple[int, mmap.mmap]:
+    """Shareable memory: a memfd of ``size`` bytes and a shared mapping of it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise

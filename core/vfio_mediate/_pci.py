@@ -1,0 +1,436 @@
+"""A software PCI function: config space that behaves like hardware, BARs in shareable memory,
+MSI-X, DMA through a ``DmaSpace``, and the device's behaviour from an optional model object."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, final
+
+from ._backend import DeviceIdentity, RegionMapping, Trigger
+from ._dma import DmaSpace, anonymous_memory
+from ._errors import AccessError
+from ._spec import BarSpec, DeviceSpec
+from .uapi import (
+    PAGE_SIZE,
+    PCI_EXP_CONFIG_SPACE_SIZE,
+    PCI_NUM_REGIONS,
+    DeviceFlag,
+    DeviceInfo,
+    IrqIndex,
+    IrqInfo,
+    IrqInfoFlag,
+    RegionFlag,
+    RegionIndex,
+    RegionInfo,
+    SparseMmapArea,
+)
+
+__all__ = ["Config", "DeviceBus", "EmulatedPciDevice"]
+
+
+class Config:
+    """Offsets and bits of the type 0 config header and the capabilities this device has."""
+
+    VENDOR_ID = 0x00
+    DEVICE_ID = 0x02
+    COMMAND = 0x04
+    STATUS = 0x06
+    REVISION = 0x08
+    CLASS_CODE = 0x09
+    CACHE_LINE_SIZE = 0x0C
+    LATENCY_TIMER = 0x0D
+    HEADER_TYPE = 0x0E
+    BAR0 = 0x10
+    SUBSYSTEM_VENDOR_ID = 0x2C
+    SUBSYSTEM_ID = 0x2E
+    ROM_ADDRESS = 0x30
+    CAPABILITIES = 0x34
+    INTERRUPT_LINE = 0x3C
+    INTERRUPT_PIN = 0x3D
+
+    COMMAND_IO = 1 << 0
+    COMMAND_MEMORY = 1 << 1
+    COMMAND_MASTER = 1 << 2
+    COMMAND_INTX_DISABLE = 1 << 10
+    COMMAND_WRITABLE = 0x0547
+    STATUS_CAP_LIST = 1 << 4
+
+    BAR_IO = 0x1
+    BAR_MEM64 = 0x4
+    BAR_PREFETCH = 0x8
+
+    CAP_ID_PCIE = 0x10
+    CAP_ID_MSIX = 0x11
+    MSIX_CAP = 0x40
+    MSIX_CONTROL = 2
+    MSIX_TABLE = 4
+    MSIX_PBA = 8
+    MSIX_ENABLE = 1 << 15
+    MSIX_FUNCTION_MASK = 1 << 14
+    MSIX_ENTRY_SIZE = 16
+    MSIX_ENTRY_CONTROL = 12
+    MSIX_ENTRY_MASKED = 1 << 0
+    PCIE_CAP_SIZE = 0x3C
+    PCIE_DEVCTL = 0x08
+    PCIE_LNKCTL = 0x10
+
+
+class DeviceBus:
+    """What a device model gets from the bus it sits on: DMA, interrupts, its BAR memory."""
+
+    def __init__(self, device: EmulatedPciDevice) -> None:
+        self._device = device
+
+    @property
+    def dma(self) -> DmaSpace:
+        """The device's DMA address space."""
+        return self._device.dma
+
+    def bar(self, index: int) -> memoryview:
+        """The memory of BAR ``index`` (shared with every client that maps it)."""
+        return self._device.bar_memory(index)
+
+    def raise_msix(self, vector: int) -> None:
+        """Raise MSI-X ``vector``: fire its trigger, or mark it pending if it has none or is
+        masked."""
+        self._device.raise_msix(vector)
+
+    @property
+    def bus_master(self) -> bool:
+        """Whether the command register lets the device do DMA."""
+        return self._device.config_word(Config.COMMAND) & Config.COMMAND_MASTER != 0
+
+
+@final
+class EmulatedPciDevice:
+    """A PCIe function built from a ``DeviceSpec``: the backend of a ``MediatedDevice``.
+
+    ``model`` is the device's behaviour, an object with any of these (all plain Python, so a
+    vendor package can ship one without importing vfio-mediate):
+
+    - ``attach(bus)``: receives a ``DeviceBus`` (``dma``, ``bar(index)``, ``raise_msix(vector)``);
+    - ``bar_read(bar, offset, count) -> bytes | None``: a register read (``None``: read memory);
+    - ``bar_write(bar, offset, data) -> bool``: a register write (``False``: store in memory);
+    - ``mmap_areas(bar) -> list[(offset, size)] | None``: the pages a client may map (``None``:
+      all); pages left out are trapped, so their accesses reach ``bar_read``/``bar_write``;
+    - ``reset()``: reset the device's registers and queues.
+    """
+
+    def __init__(self, spec: DeviceSpec, model: Any = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.identity = DeviceIdentity(
+            spec.vendor_id,
+            spec.device_id,
+            spec.subsystem_vendor_id,
+            spec.subsystem_id,
+            spec.class_code,
+            spec.revision,
+        )
+        self.model = model
+        self.dma = DmaSpace()
+        self._lock = threading.RLock()
+        self._bars: dict[int, tuple[BarSpec, int, mmap.mmap, memoryview]] = {}
+        self._triggers: dict[int, dict[int, Trigger]] = {index: {} for index in IrqIndex}
+        try:
+            for bar in spec.bars:
+                fd, mapped = anonymous_memory(
+                    max(bar.size, PAGE_SIZE), f"{spec.name}-bar{bar.index}"
+                )
+                self._bars[bar.index] = (bar, fd, mapped, memoryview(mapped))
+            self._config = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
+            self._wmask = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
+            self._build_config()
+            self._bar_read: Callable[[int, int, int], bytes | None] | None = getattr(
+                model, "bar_read", None
+            )
+            self._bar_write: Callable[[int, int, bytes], bool] | None = getattr(
+                model, "bar_write", None
+            )
+            if model is not None and hasattr(model, "attach"):
+                model.attach(DeviceBus(self))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- config space ------------------------------------------------------------------
+
+    def _put(self, offset: int, fmt: str, value: int, wmask: int = 0) -> None:
+        struct.pack_into("<" + fmt, self._config, offset, value)
+        struct.pack_into("<" + fmt, self._wmask, offset, wmask)
+
+    def _build_config(self) -> None:
+        spec, c = self.spec, Config
+        self._put(c.VENDOR_ID, "H", spec.vendor_id)
+        self._put(c.DEVICE_ID, "H", spec.device_id)
+        self._put(c.COMMAND, "H", 0, c.COMMAND_WRITABLE)
+        self._put(c.STATUS, "H", c.STATUS_CAP_LIST)
+        self._put(c.REVISION, "B", spec.revision)
+        self._config[c.CLASS_CODE : c.CLASS_CODE + 3] = spec.class_code.to_bytes(3, "little")
+        self._put(c.CACHE_LINE_SIZE, "B", 0, 0xFF)
+        self._put(c.LATENCY_TIMER, "B", 0, 0xFF)
+        self._put(c.SUBSYSTEM_VENDOR_ID, "H", spec.subsystem_vendor_id)
+        self._put(c.SUBSYSTEM_ID, "H", spec.subsystem_id)
+        self._put(c.INTERRUPT_LINE, "B", 0, 0xFF)
+        self._put(c.INTERRUPT_PIN, "B", spec.interrupt_pin)
+        for bar in spec.bars:
+            at = c.BAR0 + 4 * bar.index
+            if bar.kind == "io":
+                self._put(at, "I", c.BAR_IO, ~(bar.size - 1) & 0xFFFFFFFC)
+                continue
+            bits = (c.BAR_MEM64 if bar.kind == "mem64" else 0) | (
+                c.BAR_PREFETCH if bar.prefetchable else 0
+            )
+            mask = ~(bar.size - 1) & 0xFFFF_FFFF_FFFF_FFF0
+            self._put(at, "I", bits, mask & 0xFFFFFFF0)
+            if bar.kind == "mem64":
+                self._put(at + 4, "I", 0, mask >> 32)
+        pcie = c.MSIX_CAP
+        if spec.msix is not None:
+            pcie = c.MSIX_CAP + 0x10
+            msix = spec.msix
+            self._put(c.MSIX_CAP, "B", c.CAP_ID_MSIX)
+            self._put(c.MSIX_CAP + 1, "B", pcie)
+            self._put(
+                c.MSIX_CAP + c.MSIX_CONTROL,
+                "H",
+                msix.vectors - 1,
+                c.MSIX_ENABLE | c.MSIX_FUNCTION_MASK,
+            )
+            self._put(c.MSIX_CAP + c.MSIX_TABLE, "I", msix.table_offset | msix.table_bar)
+            self._put(c.MSIX_CAP + c.MSIX_PBA, "I", msix.pba_offset | msix.pba_bar)
+        self._put(c.CAPABILITIES, "B", c.MSIX_CAP)
+        self._put(pcie, "B", c.CAP_ID_PCIE)
+        self._put(pcie + 2, "H", 0x0002)  # capability version 2, PCI Express endpoint
+        self._put(pcie + c.PCIE_DEVCTL, "H", 0, 0x7FFF)  # bit 15 (FLR) is not offered
+        self._put(pcie + c.PCIE_LNKCTL, "H", 0, 0x0FFF)
+        self._config_defaults = bytes(self._config)
+
+    def config_word(self, offset: int) -> int:
+        """A 16-bit config register's current value."""
+        return int.from_bytes(self._config[offset : offset + 2], "little")
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        config, wmask = self._config, self._wmask
+        for i, value in enumerate(data, offset):
+            config[i] = (config[i] & ~wmask[i]) | (value & wmask[i])
+
+    # -- regions -----------------------------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        """A resettable PCI device with the nine vfio-pci regions and five IRQ indexes."""
+        return DeviceInfo(
+            flags=DeviceFlag.PCI | DeviceFlag.RESET,
+            num_regions=PCI_NUM_REGIONS,
+            num_irqs=len(IrqIndex),
+        )
+
+    def region_info(self, index: int) -> RegionInfo:
+        """CONFIG (4 KiB), each BAR with the areas the model lets clients map, empty others."""
+        if index == RegionIndex.CONFIG:
+            return RegionInfo(
+                index=index,
+                flags=RegionFlag.READ | RegionFlag.WRITE,
+                size=PCI_EXP_CONFIG_SPACE_SIZE,
+            )
+        entry = self._bars.get(index)
+        if entry is None:
+            return RegionInfo(index=index)
+        bar = entry[0]
+        flags = RegionFlag.READ | RegionFlag.WRITE
+        if bar.kind == "io" or bar.size < PAGE_SIZE:
+            return RegionInfo(index=index, flags=flags, size=bar.size)
+        areas = self._mmap_areas(index, bar)
+        if not areas:
+            return RegionInfo(index=index, flags=flags, size=bar.size)
+        sparse = (
+            None
+            if areas == [(0, bar.size)]
+            else tuple(SparseMmapArea(offset=o, size=s) for o, s in areas)
+        )
+        return RegionInfo(
+            index=index, flags=flags | RegionFlag.MMAP, size=bar.size, sparse_mmap=sparse
+        )
+
+    def _mmap_areas(self, index: int, bar: BarSpec) -> list[tuple[int, int]]:
+        """Mappable pages: the model's choice, less the MSI-X table and PBA pages (trapped, as
+        vfio-pci does, so that masking and pending bits stay the device's)."""
+        chosen = getattr(self.model, "mmap_areas", None)
+        areas = chosen(index) if chosen is not None else None
+        pages: set[int] = set()
+        for offset, size in [(0, bar.size)] if areas is None else areas:
+            pages.update(range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE)))
+        msix = self.spec.msix
+        if msix is not None:
+            for bar_index, offset, size in (
+                (msix.table_bar, msix.table_offset, msix.table_size),
+                (msix.pba_bar, msix.pba_offset, msix.pba_size),
+            ):
+                if bar_index == index:
+                    pages.difference_update(
+                        range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE))
+                    )
+        merged: list[tuple[int, int]] = []
+        for page in sorted(pages):
+            if merged and merged[-1][0] + merged[-1][1] == page * PAGE_SIZE:
+                merged[-1] = (merged[-1][0], merged[-1][1] + PAGE_SIZE)
+            else:
+                merged.append((page * PAGE_SIZE, PAGE_SIZE))
+        return merged
+
+    def bar_memory(self, index: int) -> memoryview:
+        """The shared memory of BAR ``index``."""
+        entry = self._bars.get(index)
+        if entry is None:
+            raise AccessError(errno.EINVAL, f"{self.name} has no BAR{index}")
+        return entry[3][: entry[0].size]
+
+    def read(self, index: int, offset: int, count: int) -> bytes:
+        """Read config space or a BAR (through the model for its registers)."""
+        if index == RegionIndex.CONFIG:
+            return bytes(self._config[offset : offset + count])
+        entry = self._bars.get(index)
+        if entry is None:
+            raise AccessError(errno.EINVAL, f"{self.name}: region {index} has no memory")
+        with self._lock:
+            if self._bar_read is not None:
+                value = self._bar_read(index, offset, count)
+                if value is not None:
+                    return bytes(value)
+            return bytes(entry[3][offset : offset + count])
+
+    def write(self, index: int, offset: int, data: bytes) -> int:
+        """Write config space (writable bits only) or a BAR (through the model)."""
+        if index == RegionIndex.CONFIG:
+            with self._lock:
+                self._config_write(offset, data)
+            return len(data)
+        entry = self._bars.get(index)
+        if entry is None:
+            raise AccessError(errno.EINVAL, f"{self.name}: region {index} has no memory")
+        with self._lock:
+            if self._msix_pba_hit(index, offset, len(data)):
+                return len(data)  # the PBA is read-only
+            if self._bar_write is None or not self._bar_write(index, offset, bytes(data)):
+                entry[3][offset : offset + len(data)] = data
+        return len(data)
+
+    def _msix_pba_hit(self, index: int, offset: int, count: int) -> bool:
+        msix = self.spec.msix
+        return (
+            msix is not None
+            and msix.pba_bar == index
+            and offset < msix.pba_offset + msix.pba_size
+            and msix.pba_offset < offset + count
+        )
+
+    def mmap(self, index: int, offset: int, length: int) -> RegionMapping:
+        """A BAR's memfd; the file offset equals the offset in the BAR."""
+        entry = self._bars.get(index)
+        if entry is None:
+            raise AccessError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
+        return RegionMapping(entry[1], offset)
+
+    # -- interrupts --------------------------------------------------------------------
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """INTx when the spec has a pin, MSI-X with the spec's vectors; no MSI, ERR or REQ."""
+        if index == IrqIndex.INTX:
+            count = 1 if self.spec.interrupt_pin else 0
+            return IrqInfo(
+                index=index,
+                count=count,
+                flags=IrqInfoFlag.EVENTFD | IrqInfoFlag.MASKABLE | IrqInfoFlag.AUTOMASKED,
+            )
+        if index == IrqIndex.MSIX:
+            count = self.spec.msix.vectors if self.spec.msix else 0
+            return IrqInfo(
+                index=index, count=count, flags=IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE
+            )
+        if index in (IrqIndex.MSI, IrqIndex.ERR, IrqIndex.REQ):
+            return IrqInfo(index=index, count=0, flags=IrqInfoFlag.EVENTFD)
+        raise AccessError(errno.EINVAL, f"no IRQ index {index}")
+
+    def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
+        """Set or unset the triggers of vectors ``start`` onward; raise pending ones."""
+        count = self.irq_info(index).count
+        if start + len(triggers) > count:
+            raise AccessError(
+                errno.EINVAL, f"IRQ index {index} has {count} vectors, not {start + len(triggers)}"
+            )
+        table = self._triggers[index]
+        with self._lock:
+            for vector, trigger in enumerate(triggers, start):
+                if trigger is None:
+                    table.pop(vector, None)
+                else:
+                    table[vector] = trigger
+                    if index == IrqIndex.MSIX and self._take_pending(vector):
+                        trigger()
+
+    def fire_irqs(self, index: int, start: int, count: int) -> None:
+        """Raise vectors ``start`` to ``start + count - 1`` of ``index``."""
+        if start + count > self.irq_info(index).count:
+            raise AccessError(errno.EINVAL, f"IRQ index {index} has no vector {start + count - 1}")
+        for vector in range(start, start + count):
+            if index == IrqIndex.MSIX:
+                self.raise_msix(vector)
+            else:
+                trigger = self._triggers[index].get(vector)
+                if trigger is not None:
+                    trigger()
+
+    def raise_msix(self, vector: int) -> None:
+        """Fire MSI-X ``vector``'s trigger, or set its pending bit when it is masked or unset."""
+        msix = self.spec.msix
+        if msix is None or not 0 <= vector < msix.vectors:
+            raise AccessError(errno.EINVAL, f"{self.name} has no MSI-X vector {vector}")
+        with self._lock:
+            trigger = self._triggers[IrqIndex.MSIX].get(vector)
+            control = self.config_word(Config.MSIX_CAP + Config.MSIX_CONTROL)
+            table = self._bars[msix.table_bar][3]
+            entry = msix.table_offset + vector * Config.MSIX_ENTRY_SIZE + Config.MSIX_ENTRY_CONTROL
+            masked = control & Config.MSIX_FUNCTION_MASK or table[entry] & Config.MSIX_ENTRY_MASKED
+            if trigger is None or masked:
+                pba = self._bars[msix.pba_bar][3]
+                pba[msix.pba_offset + vector // 8] |= 1 << (vector % 8)
+                return
+        trigger()
+
+    def _take_pending(self, vector: int) -> bool:
+        msix = self.spec.msix
+        assert msix is not None
+        pba = self._bars[msix.pba_bar][3]
+        at, bit = msix.pba_offset + vector // 8, 1 << (vector % 8)
+        pending = pba[at] & bit
+        pba[at] &= ~bit & 0xFF
+        return bool(pending)
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Function reset: config space to its defaults, BAR memory cleared, model reset."""
+        with self._lock:
+            self._config[:] = self._config_defaults
+            for _, _, _, view in self._bars.values():
+                view[:] = bytes(len(view))
+            reset = getattr(self.model, "reset", None)
+            if reset is not None:
+                reset()
+
+    def close(self) -> None:
+        """Unmap and close the BAR memory and every DMA mapping."""
+        self.dma.unmap_all()
+        for _, fd, mapped, view in self._bars.values():
+            view.release()
+            # A model may still hold a view of the memory: then it is freed with the last view.
+            with contextlib.suppress(BufferError):
+                mapped.close()
+            os.close(fd)
+        self._bars.clear()

@@ -1,0 +1,337 @@
+"""The mediator registry: entry-point discovery, deterministic first-match order, isolation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from importlib import metadata
+from typing import Any, NamedTuple, final
+
+import pluggy
+
+from . import hookspecs
+from ._errors import (
+    DuplicateMediatorError,
+    MediatorInUseError,
+    PluginLoadError,
+    RegistryError,
+)
+from ._rules import Rule
+
+__all__ = [
+    "DEVICE_GROUP",
+    "ENV_DISABLE",
+    "ENV_ONLY",
+    "MEDIATOR_GROUP",
+    "Claim",
+    "EntryPointFilter",
+    "MediatorRegistry",
+    "PluginRecord",
+    "Priority",
+]
+
+logger = logging.getLogger(__name__)
+
+MEDIATOR_GROUP = "vfio_mediate.mediators"
+DEVICE_GROUP = "vfio_mediate.devices"
+ENV_DISABLE = "VFIO_MEDIATE_DISABLE"
+"""Comma-separated entry-point names that are not imported at all."""
+ENV_ONLY = "VFIO_MEDIATE_ONLY"
+"""Comma-separated entry-point names: when set, only these are imported."""
+
+
+class Priority(IntEnum):
+    """Where a mediator is asked: from ``tryfirst``/``trylast`` on its ``mediator_open``."""
+
+    FIRST = 0
+    DEFAULT = 1
+    LAST = 2
+
+
+@dataclass(eq=False)
+class PluginRecord:
+    """What the registry knows of one plugin (mediator or device model), loaded or not."""
+
+    name: str
+    group: str
+    distribution: str | None = None
+    version: str | None = None
+    plugin: Any = None
+    priority: Priority | None = None
+    error: str | None = None
+    users: set[Any] = field(default_factory=set, repr=False)
+
+    @property
+    def status(self) -> str:
+        """``loaded`` or ``error``."""
+        return "error" if self.error is not None else "loaded"
+
+    def describe(self) -> str:
+        """``name (distribution version)``: how errors name the plugin."""
+        if self.distribution is None:
+            return repr(self.name)
+        return f"{self.name!r} ({self.distribution} {self.version})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as plain data (``vfio-mediate list --json``)."""
+        return {
+            "name": self.name,
+            "group": self.group,
+            "distribution": self.distribution,
+            "version": self.version,
+            "priority": None if self.priority is None else self.priority.name.lower(),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+class Claim(NamedTuple):
+    """The winner of a first-match search and the handle it returned."""
+
+    record: PluginRecord
+    handle: Any
+
+
+def _names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+class EntryPointFilter(NamedTuple):
+    """The names ``VFIO_MEDIATE_ONLY`` and ``VFIO_MEDIATE_DISABLE`` select, read at discovery."""
+
+    only: set[str] | None
+    disabled: set[str]
+
+    @classmethod
+    def from_environment(cls) -> EntryPointFilter:
+        """Read both variables."""
+        return cls(_names(ENV_ONLY), _names(ENV_DISABLE) or set())
+
+    def allows(self, name: str) -> bool:
+        """Whether the entry point ``name`` may be imported."""
+        if name in self.disabled:
+            return False
+        return self.only is None or name in self.only
+
+
+def entry_points(group: str) -> list[metadata.EntryPoint]:
+    """The group's entry points that the environment allows, by name then distribution name
+    (never in the order the file system lists distributions)."""
+    selected = EntryPointFilter.from_environment()
+    found = [ep for ep in metadata.entry_points(group=group) if selected.allows(ep.name)]
+    return sorted(found, key=lambda ep: (ep.name, ep.dist.name if ep.dist else ""))
+
+
+def load_entry_point(ep: metadata.EntryPoint, group: str) -> tuple[PluginRecord, Any]:
+    """Import an entry point; a failure becomes the record's ``error``, never an exception."""
+    dist = ep.dist
+    record = PluginRecord(
+        ep.name, group, dist.name if dist else None, dist.version if dist else None
+    )
+    try:
+        return record, ep.load()
+    except Exception as exc:  # any import failure of a third-party module is reported
+        record.error = f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}"
+        logger.warning("plugin %s not loaded: %s", record.describe(), record.error)
+        return record, None
+
+
+@final
+class MediatorRegistry:
+    """The registered mediators, asked in a deterministic order at each device's first open.
+
+    Order: ``Priority`` (``tryfirst``, none, ``trylast`` on ``mediator_open``), then name.
+    """
+
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._lock = threading.RLock()
+        self._records: dict[str, PluginRecord] = {}
+        self._failures: list[PluginRecord] = []
+
+    @classmethod
+    def from_entry_points(cls, group: str = MEDIATOR_GROUP) -> MediatorRegistry:
+        """A registry with every installed mediator the environment allows."""
+        registry = cls()
+        registry.load_entry_points(group)
+        return registry
+
+    def load_entry_points(self, group: str = MEDIATOR_GROUP) -> list[PluginRecord]:
+        """Import and register the group's entry points; failures are kept, not raised."""
+        records = []
+        for ep in entry_points(group):
+            record, plugin = load_entry_point(ep, group)
+            if plugin is not None:
+                try:
+                    record = self.register(
+                        plugin, ep.name, distribution=record.distribution, version=record.version
+                    )
+                except (PluginLoadError, DuplicateMediatorError) as exc:
+                    record.error = str(exc)
+                    logger.warning("mediator %s not registered: %s", record.describe(), exc)
+            if record.error is not None:
+                with self._lock:
+                    self._failures.append(record)
+            records.append(record)
+        return records
+
+    def register(
+        self,
+        plugin: Any,
+        name: str,
+        *,
+        distribution: str | None = None,
+        version: str | None = None,
+    ) -> PluginRecord:
+        """Register ``plugin`` (a module or object with hook implementations) as ``name``.
+
+        Raises ``DuplicateMediatorError`` for a name or object already registered and
+        ``PluginLoadError`` when its hooks do not fit the contract; a failed registration leaves
+        nothing behind.
+        """
+        record = PluginRecord(name, MEDIATOR_GROUP, distribution, version, plugin)
+        with self._lock:
+            if name in self._records:
+                raise DuplicateMediatorError(f"a mediator named {name!r} is already registered")
+            for other in self._records.values():
+                if other.plugin is plugin:
+                    raise DuplicateMediatorError(
+                        f"{record.describe()}: this object is already registered as {other.name!r}"
+                    )
+            try:
+                self._pm.register(plugin, name)
+            except Exception as exc:  # pluggy raises ValueError or PluginValidationError
+                self._rollback(plugin, name)
+                raise PluginLoadError(
+                    record.describe(), f"rule {Rule.HOOK_SIGNATURE.value!r}: {exc}"
+                ) from exc
+            try:
+                record.priority = self._validate(plugin)
+            except ValueError as exc:
+                self._rollback(plugin, name)
+                raise PluginLoadError(
+                    record.describe(), f"rule {Rule.HOOK_SIGNATURE.value!r}: {exc}"
+                ) from exc
+            self._records[name] = record
+        logger.debug("registered mediator %s at priority %s", record.describe(), record.priority)
+        return record
+
+    def _rollback(self, plugin: Any, name: str) -> None:
+        # pluggy keeps what it registered before a failing hook: take it all out again.
+        if self._pm.is_registered(plugin) or self._pm.has_plugin(name):
+            self._pm.unregister(
+                plugin=plugin if self._pm.is_registered(plugin) else None, name=name
+            )
+
+    def _validate(self, plugin: Any) -> Priority:
+        """The plugin's priority; ``ValueError`` when its hooks do not make a mediator."""
+        callers = self._pm.get_hookcallers(plugin) or []
+        unknown = sorted(caller.name for caller in callers if caller.spec is None)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} is not a hook of the vfio_mediate contract")
+        opens = [i for i in self._pm.hook.mediator_open.get_hookimpls() if i.plugin is plugin]
+        if not opens:
+            raise ValueError("a mediator must implement mediator_open")
+        if opens[0].tryfirst:
+            return Priority.FIRST
+        return Priority.LAST if opens[0].trylast else Priority.DEFAULT
+
+    def unregister(self, name: str) -> PluginRecord:
+        """Remove the mediator ``name``; ``MediatorInUseError`` while a device uses it."""
+        with self._lock:
+            record = self._records.get(name)
+            if record is None:
+                raise RegistryError(f"no mediator named {name!r} is registered")
+            if record.users:
+                devices = ", ".join(sorted(getattr(d, "name", repr(d)) for d in record.users))
+                raise MediatorInUseError(
+                    f"mediator {record.describe()} is in use by open device(s) {devices}; "
+                    "close them first"
+                )
+            self._pm.unregister(plugin=record.plugin, name=name)
+            del self._records[name]
+            return record
+
+    @property
+    def mediators(self) -> tuple[PluginRecord, ...]:
+        """The registered mediators, in the order they are asked."""
+        with self._lock:
+            records = list(self._records.values())
+        return tuple(sorted(records, key=lambda r: (r.priority, r.name)))
+
+    @property
+    def failures(self) -> tuple[PluginRecord, ...]:
+        """Entry points that could not be loaded or registered, with their errors."""
+        with self._lock:
+            return tuple(self._failures)
+
+    def get(self, name: str) -> PluginRecord:
+        """The registered mediator ``name``."""
+        with self._lock:
+            try:
+                return self._records[name]
+            except KeyError:
+                raise RegistryError(f"no mediator named {name!r} is registered") from None
+
+    def hookspec_names(self) -> tuple[str, ...]:
+        """The names of every hook of the contract."""
+        return tuple(
+            name for name, caller in vars(self._pm.hook).items() if caller.spec is not None
+        )
+
+    def hook(self, record: PluginRecord, name: str) -> Any:
+        """The function implementing hook ``name`` in ``record``'s plugin, or ``None``."""
+        caller = getattr(self._pm.hook, name)
+        for impl in caller.get_hookimpls():
+            if impl.plugin is record.plugin:
+                return _positional(impl.function, impl.argnames, caller.spec.argnames)
+        return None
+
+    def claim(self, device: Any, owner: Any) -> Claim | None:
+        """Ask each mediator in order to open ``device``; the first non-``None`` handle wins.
+
+        The winner's use count is taken for ``owner`` (released with ``release_use``). A mediator
+        that raises is logged with its name, distribution and version, and skipped.
+        """
+        for record in self.mediators:
+            opener = self.hook(record, "mediator_open")
+            try:
+                handle = opener(device)
+            except Exception:  # a plugin's failure must not stop the search
+                logger.exception(
+                    "mediator %s raised in mediator_open for %s; skipped",
+                    record.describe(),
+                    getattr(device, "name", device),
+                )
+                continue
+            if handle is not None:
+                with self._lock:
+                    record.users.add(owner)
+                return Claim(record, handle)
+        return None
+
+    def release_use(self, record: PluginRecord, owner: Any) -> None:
+        """Drop ``owner``'s use of ``record`` (the device closed)."""
+        with self._lock:
+            record.users.discard(owner)
+
+
+def _positional(function: Any, argnames: Iterable[str], spec_argnames: Iterable[str]) -> Any:
+    """``function`` callable with the spec's arguments in order, however few it declares."""
+    wanted, spec = tuple(argnames), tuple(spec_argnames)
+    if wanted == spec:
+        return function
+    positions = [spec.index(name) for name in wanted]
+
+    def call(*args: Any) -> Any:
+        return function(*[args[i] for i in positions])
+
+    return call

@@ -1,0 +1,38 @@
+"""``vfio-mediate list``: every installed mediator and device model, loaded or not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .._devices import discover_device_models
+from .._registry import MediatorRegistry
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``list`` subcommand."""
+    parser = subparsers.add_parser(
+        "list",
+        help="list installed mediators and device models",
+        description="List every mediator (in the order they are asked) and device model.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plugins; exit status 0 even when some failed to load (they are listed)."""
+    registry = MediatorRegistry.from_entry_points()
+    records = [*registry.mediators, *registry.failures, *discover_device_models()]
+    rows = [record.as_dict() for record in records]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<16} {'GROUP':<24} {'DISTRIBUTION':<24} {'PRIORITY':<9} STATUS")
+    for row in rows:
+        dist = f"{row['distribution'] or '-'} {row['version'] or ''}".strip()
+        status = row["status"] if row["error"] is None else f"error: {row['error']}"
+        priority = row["priority"] or "-"
+        print(f"{row['name']:<16} {row['group']:<24} {dist:<24} {priority:<9} {status}")
+    return 0

@@ -1,0 +1,194 @@
+"""The hook contract between vfio-mediate and mediator plugins.
+
+A mediator is a module or object with some of these hooks implemented, marked with
+``pluggy.HookimplMarker("vfio_mediate")`` (a plugin makes its own marker and never imports
+``vfio_mediate``), and registered under the entry-point group ``vfio_mediate.mediators``.
+
+Everything that crosses the boundary is plain data (ints, bytes, lists, dicts) or an object the
+core hands in. The numbers are the Linux VFIO uAPI's (``vfio_mediate.uapi`` lists them): region
+indexes (BAR0-5 = 0-5, ROM 6, CONFIG 7, VGA 8, device-specific >= 9), region flags (READ 1, WRITE 2,
+MMAP 4), migration states and flags. Every rule has an id (``vfio_mediate.Rule``) that errors and
+the conformance suite name.
+
+Lifecycle of a device:
+
+1. At the device's first open the registry calls ``mediator_open`` on each mediator in order:
+   priority first (``tryfirst=True`` on the ``mediator_open`` implementation, then none, then
+   ``trylast=True``), then entry-point name. The first result that is not ``None`` wins
+   (``0``, ``False`` and ``b""`` are results). A mediator that raises is reported and skipped.
+2. From then on only the winner is called for that device, through the handle it returned.
+   ``mediator_regions`` decides which regions go through ``mediator_rw``/``mediator_mmap``;
+   accesses to the others reach the device without any plugin call.
+3. At the last close ``mediator_release`` runs exactly once. While a device it claimed is open
+   a mediator cannot be unregistered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "vfio_mediate"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec(firstresult=True)
+def mediator_open(device: Any) -> Any:
+    """Claim ``device`` with a handle, or decline it with ``None``.
+
+    ``device`` describes the device and offers its default handlers. It has ``name`` (str),
+    ``vendor_id``, ``device_id``, ``subsystem_vendor_id``, ``subsystem_id``, ``class_code``
+    (24 bits: class, subclass, prog-if) and ``revision`` (ints), and:
+
+    - ``region_info(index) -> dict``: the device's own region info (the plain form below);
+    - ``read(index, offset, count) -> bytes`` and ``write(index, offset, data) -> int``: the
+      device's own access handlers, to pass all or part of an access through;
+    - ``mmap(index, offset, length) -> (fd, file_offset)``: the device's own mapping;
+    - ``dma``: the device's DMA address space (``read(iova, length) -> bytes``,
+      ``write(iova, data)``), or ``None``;
+    - ``model``: the behaviour object of an emulated device model, or ``None``.
+
+    Rules: return ``None`` to decline (``open-result``), anything else is the opaque handle that
+    every later hook receives; claim only devices you target (``open-targets``); keep all
+    per-device state in the handle, none in module globals (``isolation``); never print
+    (``quiet``). An exception is reported with the plugin's name and the search goes on.
+    """
+
+
+@hookspec
+def mediator_release(handle: Any) -> None:
+    """Release ``handle`` at the device's last close; called exactly once per claimed handle.
+
+    Never called for a device the mediator declined (``release-once``). The device may be
+    opened again later, which calls ``mediator_open`` anew (``reopen``).
+    """
+
+
+@hookspec
+def mediator_regions(handle: Any) -> Any:
+    """Return the region indexes whose accesses this mediator handles (an iterable of ints).
+
+    Asked once, at open. ``mediator_rw`` and ``mediator_mmap`` are called only for these
+    regions; the others reach the device directly, at no plugin cost. A mediator that implements
+    ``mediator_rw`` or ``mediator_mmap`` but not this hook mediates every region. Indexes of its
+    own device-specific regions are always included.
+    """
+
+
+@hookspec
+def mediator_get_region_info(handle: Any, info: dict[str, Any]) -> Any:
+    """Return a changed region info, or ``None`` to keep the device's.
+
+    ``info`` is a fresh dict (change it freely) with ``index``, ``flags`` (READ 1 | WRITE 2 |
+    MMAP 4), ``size``, ``offset`` (file offset), ``sparse_mmap`` (``None`` or a list of
+    ``[offset, size]`` areas that may be mapped), ``type`` (``None`` or ``[type, subtype]``) and
+    ``msix_mappable`` (bool). Called for every region the device has (CONFIG, BARs, ROM, VGA),
+    at open and whenever a client asks.
+
+    Rules (``region-info-valid``): keep ``index``, ``size`` and ``offset``; areas page-aligned,
+    inside the region and not overlapping; no flag the device does not have; only take mapped
+    areas away (trap more), never map what the device traps.
+    """
+
+
+@hookspec
+def mediator_device_regions(handle: Any) -> Any:
+    """Return the device-specific regions this mediator adds: a list of region info dicts.
+
+    Each has an ``index`` >= 9 (unique), a ``size``, ``flags`` and a ``type`` ``[type, subtype]``
+    (e.g. ``[0x80000000 | vendor_id, subtype]``) (``device-regions-valid``). All their accesses
+    go to ``mediator_rw`` and ``mediator_mmap``; ``mediator_rw`` must not return ``None`` for
+    them, since no device stands behind them.
+    """
+
+
+@hookspec
+def mediator_rw(
+    handle: Any, index: int, offset: int, count: int, data: bytes | None, is_write: bool
+) -> Any:
+    """Handle an access to a mediated region, or return ``None`` to pass it to the device.
+
+    A read has ``data is None`` and returns exactly ``count`` bytes; a write has ``data`` of
+    ``count`` bytes and returns ``count`` (``rw-result``). The core has checked that the access
+    lies inside the region. Refuse an access by raising ``OSError`` with an errno (e.g.
+    ``errno.EINVAL``) (``access-errors``). To act on the access and still let it reach the device
+    call ``device.read``/``device.write`` from the ``device`` given at open. This is the per-access
+    path: do the least work you can.
+    """
+
+
+@hookspec
+def mediator_mmap(handle: Any, index: int, offset: int, length: int) -> Any:
+    """Map an area of a mediated region: ``None`` lets the device map it, otherwise return
+    ``(fd, file_offset)``, the file and offset a client maps ``length`` bytes from.
+
+    Called only for areas inside the region's mmap-able areas. Refuse with ``OSError``
+    (``mmap-result``, ``access-errors``).
+    """
+
+
+@hookspec
+def mediator_reset(handle: Any) -> None:
+    """The device is being reset (``VFIO_DEVICE_RESET``); called before the device resets.
+
+    Forget per-reset state (e.g. trapped register shadows); the handle stays claimed.
+    """
+
+
+@hookspec
+def mediator_migration_flags(handle: Any) -> Any:
+    """Return the migration v2 flags this mediator supports for the device (STOP_COPY 1 |
+    P2P 2 | PRE_COPY 4), or ``None`` if it does not migrate the device.
+
+    STOP_COPY must be set when migration is supported. The core owns the state machine: it
+    refuses illegal transitions and turns a requested one into single arcs (``migration``).
+    """
+
+
+@hookspec
+def mediator_set_state(handle: Any, current: int, new: int) -> Any:
+    """Carry out one migration v2 arc from ``current`` to ``new`` (ints of ``MigrationState``).
+
+    Only arcs of the Linux arc table arrive here, one step at a time. For an arc that opens a
+    saving stream (to PRE_COPY or STOP_COPY) return the device state as ``bytes``, which the
+    client then reads; for any other arc return ``None``. Raise ``OSError`` if the step fails:
+    the device then enters ERROR.
+    """
+
+
+@hookspec
+def mediator_load_state(handle: Any, data: bytes) -> None:
+    """Restore the device from ``data``, everything the client wrote while RESUMING.
+
+    Called on the arc RESUMING -> STOP. Refuse a stream from another device model or version by
+    raising ``OSError(errno.EINVAL, reason)``: the device then enters ERROR.
+    """
+
+
+@hookspec
+def mediator_dma_logging_start(handle: Any, log: Any) -> None:
+    """Start logging the pages the device writes by DMA into ``log``.
+
+    ``log`` is handed in by the core: it has ``page_size``, ``ranges`` (a list of
+    ``(iova, length)``) and ``mark(iova, length)``, which records a write (outside the ranges it
+    is ignored). Mark every page the device may write from now until ``mediator_dma_logging_stop``:
+    none may be missed, over-reporting is allowed (``dirty-logging``). Raise ``OSError`` to refuse.
+    """
+
+
+@hookspec
+def mediator_dma_logging_report(handle: Any, log: Any, iova: int, length: int) -> None:
+    """Called just before the core reads and clears ``log`` for ``[iova, iova + length)``.
+
+    Mark here what must be reported but is not marked on the way (e.g. pages a device may write
+    at any moment, such as descriptor rings of enabled queues).
+    """
+
+
+@hookspec
+def mediator_dma_logging_stop(handle: Any) -> None:
+    """Stop dirty logging; ``log`` is not used after this."""
