@@ -60,6 +60,18 @@ def mediator_open(device: Any) -> Any:
 
 
 @hookspec
+def mediator_targets() -> Any:
+    """Return the devices this mediator is meant to claim: a list of device model names
+    (entry points of ``vfio_mediate.devices``, e.g. ``"i40e-vf"``) or device specs as plain
+    dicts (the fields of a TOML device spec).
+
+    Not used to choose a winner (``mediator_open`` decides); the conformance suite opens these
+    devices and checks that each is claimed (``open-targets``), and offers others that must be
+    declined. A mediator that claims any device (like the null mediator) returns a few examples.
+    """
+
+
+@hookspec
 def mediator_release(handle: Any) -> None:
     """Release ``handle`` at the device's last close; called exactly once per claimed handle.
 

@@ -35,6 +35,20 @@ class NullHandle:
         return f"<NullHandle {self.name} reads={reads} writes={writes}>"
 
 
+@hookimpl
+def mediator_targets() -> list[dict[str, Any]]:
+    """Any device: a plain function with one memory BAR serves as the example."""
+    return [
+        {
+            "name": "null-example",
+            "vendor_id": 0x1AF4,
+            "device_id": 0x10F0,
+            "class_code": 0xFF0000,
+            "bars": [{"index": 0, "size": 0x1000, "kind": "mem32"}],
+        }
+    ]
+
+
 @hookimpl(trylast=True)
 def mediator_open(device: Any) -> NullHandle:
     """Claim any device (the registry asks us last)."""
