@@ -272,6 +272,10 @@ def _apt_mounts(root: Path) -> Iterator[None]:
 
 def _remove_root(root: Path) -> None:
     """Remove a half-built root, unmounting anything under it first."""
+    if root.is_symlink():
+        # Not ours to empty: drop the link itself and build a real directory in its place.
+        root.unlink()
+        return
     _unmount_all_under(root)
     # Deleting with /dev still bound inside would delete the host's device nodes.
     if _mount_points_under(root):
@@ -491,7 +495,7 @@ def _build(root: Path, log: Path, *, verbose: bool, mirror: str | None) -> Provi
         _say(f"[{time.monotonic() - started:5.1f}s] {message}")
 
     if root.exists() or os.path.islink(root):
-        step(f"removing unfinished or outdated root {root}")
+        step(f"removing the existing root {root} (unfinished, outdated or --force)")
         _remove_root(root)
     debootstrap = _ensure_debootstrap(log, verbose)
 
