@@ -295,10 +295,11 @@ class MediatedDevice:
                     f"region {index}: {field} changed from {getattr(own, field)!r} "
                     f"to {getattr(info, field)!r}",
                 )
-        if info.flags & ~own.flags:
+        extra_flags = int(info.flags) & ~int(own.flags)
+        if extra_flags:
             raise self._violation(
                 Rule.REGION_INFO_VALID,
-                f"region {index}: flags {RegionFlag(info.flags & ~own.flags)!r} the device lacks",
+                f"region {index}: flags {RegionFlag(extra_flags)!r} the device lacks",
             )
         own_pages = _pages(own.mmap_areas())
         extra = _pages(info.mmap_areas()) - own_pages

@@ -15,7 +15,8 @@ __all__ = ["ARCS", "SAVING_ARCS", "migration_path", "next_step"]
 
 S = MigrationState
 
-# The single arcs a device implements.
+# The single arcs a device implements; the last three only without P2P, where the way through
+# RUNNING_P2P or PRE_COPY_P2P is skipped.
 ARCS: frozenset[tuple[MigrationState, MigrationState]] = frozenset(
     {
         (S.RUNNING_P2P, S.STOP),
@@ -33,6 +34,9 @@ ARCS: frozenset[tuple[MigrationState, MigrationState]] = frozenset(
         (S.PRE_COPY_P2P, S.PRE_COPY),
         (S.PRE_COPY_P2P, S.STOP_COPY),
         (S.STOP, S.RESUMING),
+        (S.RUNNING, S.STOP),
+        (S.STOP, S.RUNNING),
+        (S.PRE_COPY, S.STOP_COPY),
     }
 )
 
@@ -43,6 +47,7 @@ SAVING_ARCS = frozenset(
         (S.RUNNING_P2P, S.PRE_COPY_P2P),
         (S.STOP, S.STOP_COPY),
         (S.PRE_COPY_P2P, S.STOP_COPY),
+        (S.PRE_COPY, S.STOP_COPY),
     }
 )
 

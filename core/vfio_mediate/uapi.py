@@ -175,8 +175,8 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _unknown_bits(value: int, known: int, what: str) -> None:
-    if value & ~known:
-        raise ValueError(f"unknown {what} bits {value & ~known:#x}")
+    if int(value) & ~int(known):
+        raise ValueError(f"unknown {what} bits {int(value) & ~int(known):#x}")
 
 
 class SparseMmapArea(BaseModel):

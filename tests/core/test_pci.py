@@ -1,0 +1,197 @@
+"""EmulatedPciDevice: config space like hardware, BARs in shareable memory, MSI-X."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vfio_mediate import (
+    AccessError,
+    Config,
+    DeviceSpecError,
+    EmulatedPciDevice,
+    load_spec,
+)
+from vfio_mediate.uapi import IrqIndex, RegionFlag, RegionIndex
+
+CFG = RegionIndex.CONFIG
+
+
+def cfg_read(device: EmulatedPciDevice, offset: int, size: int) -> int:
+    return int.from_bytes(device.read(CFG, offset, size), "little")
+
+
+def cfg_write(device: EmulatedPciDevice, offset: int, size: int, value: int) -> None:
+    device.write(CFG, offset, value.to_bytes(size, "little"))
+
+
+def test_identity_is_read_only(virtio_device: EmulatedPciDevice) -> None:
+    assert cfg_read(virtio_device, Config.VENDOR_ID, 4) == 0x1041_1AF4
+    cfg_write(virtio_device, Config.VENDOR_ID, 4, 0xFFFF_FFFF)
+    assert cfg_read(virtio_device, Config.VENDOR_ID, 4) == 0x1041_1AF4
+    assert cfg_read(virtio_device, Config.CLASS_CODE, 3) == 0x020000
+    assert cfg_read(virtio_device, Config.REVISION, 1) == 1
+    assert cfg_read(virtio_device, Config.SUBSYSTEM_VENDOR_ID, 4) == 0x0001_1AF4
+    assert cfg_read(virtio_device, Config.HEADER_TYPE, 1) == 0
+
+
+def test_bar_sizing_and_64_bit_pairs(virtio_device: EmulatedPciDevice) -> None:
+    bar0, bar1 = Config.BAR0, Config.BAR0 + 4
+    assert cfg_read(virtio_device, bar0, 4) == Config.BAR_MEM64
+    cfg_write(virtio_device, bar0, 4, 0xFFFF_FFFF)
+    cfg_write(virtio_device, bar1, 4, 0xFFFF_FFFF)
+    low = cfg_read(virtio_device, bar0, 4)
+    high = cfg_read(virtio_device, bar1, 4)
+    mask = (high << 32) | (low & ~0xF)
+    assert low & 0xF == Config.BAR_MEM64
+    assert (~mask & 0xFFFF_FFFF_FFFF_FFFF) + 1 == 0x4000
+    cfg_write(virtio_device, bar0, 4, 0xFEB0_0000)
+    cfg_write(virtio_device, bar1, 4, 0x0000_0001)
+    assert cfg_read(virtio_device, bar0, 8) == 0x1_FEB0_0000 | Config.BAR_MEM64
+    # I/O BAR: bit 0 set, 32 bytes
+    cfg_write(virtio_device, Config.BAR0 + 8, 4, 0xFFFF_FFFF)
+    io = cfg_read(virtio_device, Config.BAR0 + 8, 4)
+    assert io & 1 and (~(io & ~0x3) & 0xFFFF_FFFF) + 1 == 0x20
+    # BAR3 (the high half of nothing) and BAR5 do not exist: they stay 0
+    cfg_write(virtio_device, Config.BAR0 + 20, 4, 0xFFFF_FFFF)
+    assert cfg_read(virtio_device, Config.BAR0 + 20, 4) == 0
+
+
+def test_command_register_keeps_only_writable_bits(virtio_device: EmulatedPciDevice) -> None:
+    cfg_write(virtio_device, Config.COMMAND, 2, 0xFFFF)
+    assert cfg_read(virtio_device, Config.COMMAND, 2) == Config.COMMAND_WRITABLE
+    assert cfg_read(virtio_device, Config.STATUS, 2) & Config.STATUS_CAP_LIST
+
+
+def walk_capabilities(device: EmulatedPciDevice) -> dict[int, int]:
+    caps, at = {}, cfg_read(device, Config.CAPABILITIES, 1)
+    while at:
+        caps[cfg_read(device, at, 1)] = at
+        at = cfg_read(device, at + 1, 1)
+    return caps
+
+
+def test_capability_list_has_msix_and_pci_express(virtio_device: EmulatedPciDevice) -> None:
+    caps = walk_capabilities(virtio_device)
+    assert set(caps) == {Config.CAP_ID_MSIX, Config.CAP_ID_PCIE}
+    msix = caps[Config.CAP_ID_MSIX]
+    control = cfg_read(virtio_device, msix + 2, 2)
+    assert control & 0x7FF == 3  # four vectors
+    assert cfg_read(virtio_device, msix + 4, 4) == 4  # table at offset 0 of BAR4
+    assert cfg_read(virtio_device, msix + 8, 4) == 0x1000 | 4
+    cfg_write(virtio_device, msix + 2, 2, 0xFFFF)
+    assert cfg_read(virtio_device, msix + 2, 2) == 0xC003  # enable + mask writable, size not
+    assert cfg_read(virtio_device, caps[Config.CAP_ID_PCIE] + 2, 2) & 0xF == 2
+    assert virtio_device.region_info(CFG).size == 4096
+
+
+def test_region_infos(virtio_device: EmulatedPciDevice) -> None:
+    bar0 = virtio_device.region_info(0)
+    assert bar0.flags == RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP
+    assert bar0.sparse_mmap is None and bar0.size == 0x4000
+    assert virtio_device.region_info(1).size == 0  # high half of BAR0
+    io = virtio_device.region_info(2)
+    assert io.size == 0x20 and not io.flags & RegionFlag.MMAP
+    msix_bar = virtio_device.region_info(4)
+    # table page and PBA page both trapped: nothing of BAR4 is mapped
+    assert not msix_bar.flags & RegionFlag.MMAP
+    assert virtio_device.region_info(RegionIndex.ROM).size == 0
+
+
+def test_bar_memory_is_a_shareable_file(virtio_device: EmulatedPciDevice) -> None:
+    fd, offset = virtio_device.mmap(0, 0x1000, 0x1000)
+    with mmap.mmap(fd, 0x1000, offset=offset) as mapped:
+        mapped[0:4] = b"\x11\x22\x33\x44"
+        assert virtio_device.read(0, 0x1000, 4) == b"\x11\x22\x33\x44"
+        virtio_device.write(0, 0x1004, b"\x55")
+        assert mapped[4] == 0x55
+    # another process writes through the same fd
+    script = "import mmap,os,sys; m=mmap.mmap(int(sys.argv[1]),0x4000); m[8:12]=b'peer'"
+    subprocess.run([sys.executable, "-c", script, str(fd)], pass_fds=[fd], check=True)
+    assert virtio_device.read(0, 8, 4) == b"peer"
+
+
+def test_msix_fires_eventfd_or_sets_pending(virtio_device: EmulatedPciDevice) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        virtio_device.raise_msix(2)  # no trigger yet: pending
+        pba = virtio_device.read(4, 0x1000, 8)
+        assert pba[0] == 1 << 2
+        virtio_device.set_irq_triggers(IrqIndex.MSIX, 2, [lambda: os.eventfd_write(efd, 1)])
+        assert os.eventfd_read(efd) == 1  # the pending vector fired on assignment
+        assert virtio_device.read(4, 0x1000, 8)[0] == 0
+        virtio_device.raise_msix(2)
+        assert os.eventfd_read(efd) == 1
+        # masking the vector in the table holds it pending
+        virtio_device.write(4, 2 * 16 + 12, struct.pack("<I", 1))
+        virtio_device.raise_msix(2)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        assert virtio_device.read(4, 0x1000, 1)[0] == 1 << 2
+        virtio_device.write(4, 0x1000, b"\x00")  # the PBA is read-only
+        assert virtio_device.read(4, 0x1000, 1)[0] == 1 << 2
+        with pytest.raises(AccessError) as error:
+            virtio_device.set_irq_triggers(IrqIndex.MSIX, 3, [None, None])
+        assert error.value.errno == errno.EINVAL
+    finally:
+        os.close(efd)
+
+
+def test_reset_restores_config_and_clears_memory(virtio_device: EmulatedPciDevice) -> None:
+    cfg_write(virtio_device, Config.COMMAND, 2, Config.COMMAND_MEMORY)
+    virtio_device.write(0, 0, b"junk")
+    virtio_device.reset()
+    assert cfg_read(virtio_device, Config.COMMAND, 2) == 0
+    assert virtio_device.read(0, 0, 4) == bytes(4)
+
+
+def test_spec_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "nic.toml"
+    path.write_text(
+        "vendor_id = 0x1234\ndevice_id = 0x5678\nclass_code = 0x020000\n"
+        '[[bars]]\nindex = 0\nsize = 0x1000\nkind = "mem32"\nprefetchable = false\n'
+    )
+    spec = load_spec(path)
+    assert spec.name == "nic" and spec.bars[0].size == 0x1000
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("vendor_id = 1\ndevice_id = 2\n", "class_code: Field required"),
+        ("vendor_id = 0x10000\ndevice_id = 2\nclass_code = 0\n", "vendor_id"),
+        (
+            "vendor_id = 1\ndevice_id = 2\nclass_code = 0\n[[bars]]\nindex = 5\nsize = 4096\n"
+            'kind = "mem64"\n',
+            "not BAR5",
+        ),
+        (
+            "vendor_id = 1\ndevice_id = 2\nclass_code = 0\n[[bars]]\nindex = 0\nsize = 4096\n"
+            'kind = "mem64"\n[[bars]]\nindex = 1\nsize = 4096\n',
+            "BAR1 is used twice",
+        ),
+        (
+            "vendor_id = 1\ndevice_id = 2\nclass_code = 0\n[[bars]]\nindex = 0\nsize = 3000\n",
+            "not a power of two",
+        ),
+        (
+            "vendor_id = 1\ndevice_id = 2\nclass_code = 0\n[[bars]]\nindex = 0\nsize = 4096\n"
+            "[msix]\nvectors = 300\ntable_bar = 0\npba_bar = 0\npba_offset = 0xF00\n",
+            "does not fit",
+        ),
+        ("vendor_id = [", "not valid TOML"),
+    ],
+)
+def test_bad_specs_are_refused_with_the_reason(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(DeviceSpecError, match=message) as error:
+        load_spec(path)
+    assert str(path) in str(error.value)
