@@ -197,6 +197,11 @@ class MediatedDevice:
         """The winning mediator, or ``None`` (plain passthrough or not open)."""
         return self._record
 
+    @property
+    def handle(self) -> Any:
+        """The winning mediator's handle (for inspection; opaque to everyone else)."""
+        return self._handle
+
     def _attach(self) -> None:
         view = MediatorDevice(self.backend)
         claim = self.registry.claim(view, self)
