@@ -263,7 +263,7 @@ class MediatedDevice:
         self._infos = infos
         self._mediated = frozenset(mediated)
         self._table = {
-            index: (info.size, *self._handlers(index, index in mediated))
+            index: (info.size, *self._allowed(info, *self._handlers(index, index in mediated)))
             for index, info in infos.items()
         }
 
@@ -358,7 +358,8 @@ class MediatedDevice:
         rw = self._hooks.get("mediator_rw") if mediated else None
         if rw is None:
             if own_region:
-                return self._no_device(index), self._no_device(index)
+                refuse = self._refuse(index, "access: no device stands behind it")
+                return refuse, refuse
             return functools.partial(backend_read, index), functools.partial(backend_write, index)
         handle = self._handle
         violation = self._violation
@@ -397,9 +398,17 @@ class MediatedDevice:
 
         return read, write
 
-    def _no_device(self, index: int) -> Callable[..., Any]:
+    def _allowed(self, info: RegionInfo, read: Reader, write: Writer) -> tuple[Reader, Writer]:
+        """The handlers, with a refusal in place of what the region's flags forbid."""
+        if not info.flags & RegionFlag.READ:
+            read = self._refuse(info.index, "read")
+        if not info.flags & RegionFlag.WRITE:
+            write = self._refuse(info.index, "write")
+        return read, write
+
+    def _refuse(self, index: int, what: str) -> Callable[..., Any]:
         def refuse(*_: Any) -> Any:
-            raise AccessError(errno.EINVAL, f"{self.name}: region {index} is not accessible")
+            raise AccessError(errno.EINVAL, f"{self.name}: region {index} does not allow {what}")
 
         return refuse
 

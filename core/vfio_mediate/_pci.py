@@ -310,6 +310,10 @@ class EmulatedPciDevice:
         if index == RegionIndex.CONFIG:
             with self._lock:
                 self._config_write(offset, data)
+            if self.spec.msix is not None and _overlaps(
+                offset, len(data), Config.MSIX_CAP + Config.MSIX_CONTROL, 2
+            ):
+                self._deliver_pending(range(self.spec.msix.vectors))  # function unmasked?
             return len(data)
         entry = self._bars.get(index)
         if entry is None:
@@ -319,15 +323,36 @@ class EmulatedPciDevice:
                 return len(data)  # the PBA is read-only
             if self._bar_write is None or not self._bar_write(index, offset, bytes(data)):
                 entry[3][offset : offset + len(data)] = data
+        msix = self.spec.msix
+        if (
+            msix is not None
+            and msix.table_bar == index
+            and _overlaps(offset, len(data), msix.table_offset, msix.table_size)
+        ):
+            first = max(0, offset - msix.table_offset) // Config.MSIX_ENTRY_SIZE
+            last = (offset + len(data) - 1 - msix.table_offset) // Config.MSIX_ENTRY_SIZE
+            self._deliver_pending(range(first, min(last, msix.vectors - 1) + 1))
         return len(data)
+
+    def _deliver_pending(self, vectors: range) -> None:
+        """Fire the pending vectors among ``vectors`` that a trigger and no mask hold back
+        any more (an unmask delivers what was held, as MSI-X requires)."""
+        for vector in vectors:
+            with self._lock:
+                if not self._vector_pending(vector) or self._msix_masked(vector):
+                    continue
+                trigger = self._triggers[IrqIndex.MSIX].get(vector)
+                if trigger is None:
+                    continue
+                self._take_pending(vector)
+            trigger()
 
     def _msix_pba_hit(self, index: int, offset: int, count: int) -> bool:
         msix = self.spec.msix
         return (
             msix is not None
             and msix.pba_bar == index
-            and offset < msix.pba_offset + msix.pba_size
-            and msix.pba_offset < offset + count
+            and _overlaps(offset, count, msix.pba_offset, msix.pba_size)
         )
 
     def mmap(self, index: int, offset: int, length: int) -> RegionMapping:
@@ -386,6 +411,20 @@ class EmulatedPciDevice:
                 if trigger is not None:
                     trigger()
 
+    def _msix_masked(self, vector: int) -> bool:
+        msix = self.spec.msix
+        assert msix is not None
+        control = self.config_word(Config.MSIX_CAP + Config.MSIX_CONTROL)
+        table = self._bars[msix.table_bar][3]
+        entry = msix.table_offset + vector * Config.MSIX_ENTRY_SIZE + Config.MSIX_ENTRY_CONTROL
+        return bool(control & Config.MSIX_FUNCTION_MASK or table[entry] & Config.MSIX_ENTRY_MASKED)
+
+    def _vector_pending(self, vector: int) -> bool:
+        msix = self.spec.msix
+        assert msix is not None
+        pba = self._bars[msix.pba_bar][3]
+        return bool(pba[msix.pba_offset + vector // 8] & 1 << (vector % 8))
+
     def raise_msix(self, vector: int) -> None:
         """Fire MSI-X ``vector``'s trigger, or set its pending bit when it is masked or unset."""
         msix = self.spec.msix
@@ -393,11 +432,7 @@ class EmulatedPciDevice:
             raise AccessError(errno.EINVAL, f"{self.name} has no MSI-X vector {vector}")
         with self._lock:
             trigger = self._triggers[IrqIndex.MSIX].get(vector)
-            control = self.config_word(Config.MSIX_CAP + Config.MSIX_CONTROL)
-            table = self._bars[msix.table_bar][3]
-            entry = msix.table_offset + vector * Config.MSIX_ENTRY_SIZE + Config.MSIX_ENTRY_CONTROL
-            masked = control & Config.MSIX_FUNCTION_MASK or table[entry] & Config.MSIX_ENTRY_MASKED
-            if trigger is None or masked:
+            if trigger is None or self._msix_masked(vector):
                 pba = self._bars[msix.pba_bar][3]
                 pba[msix.pba_offset + vector // 8] |= 1 << (vector % 8)
                 return
@@ -434,3 +469,7 @@ class EmulatedPciDevice:
                 mapped.close()
             os.close(fd)
         self._bars.clear()
+
+
+def _overlaps(offset: int, count: int, start: int, size: int) -> bool:
+    return offset < start + size and start < offset + count

@@ -387,3 +387,17 @@ def test_dirty_logging_through_the_hooks(virtio_device: EmulatedPciDevice) -> No
         assert events == ["start", "report", "stop"]
         device.dma_logging_start(4096, [(0, 0x10000)])
     assert events[-1] == "stop"  # the last close stops logging
+
+
+def test_accesses_the_flags_forbid_are_refused(virtio_device: EmulatedPciDevice) -> None:
+    def mediator_get_region_info(handle: Any, info: dict[str, Any]) -> Any:
+        if info["index"] == 0:
+            return {**info, "flags": int(RegionFlag.READ)}  # BAR0 becomes read-only
+        return None
+
+    with register(virtio_device, mediator_get_region_info=mediator_get_region_info) as device:
+        assert device.read(0, 0, 4) == bytes(4)
+        with pytest.raises(AccessError, match="does not allow write") as error:
+            device.write(0, 0, b"\x01")
+        assert error.value.errno == errno.EINVAL
+        assert virtio_device.read(0, 0, 1) == b"\x00"

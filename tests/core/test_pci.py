@@ -137,6 +137,17 @@ def test_msix_fires_eventfd_or_sets_pending(virtio_device: EmulatedPciDevice) ->
         assert virtio_device.read(4, 0x1000, 1)[0] == 1 << 2
         virtio_device.write(4, 0x1000, b"\x00")  # the PBA is read-only
         assert virtio_device.read(4, 0x1000, 1)[0] == 1 << 2
+        virtio_device.write(4, 2 * 16 + 12, struct.pack("<I", 0))  # unmask: delivered now
+        assert os.eventfd_read(efd) == 1
+        assert virtio_device.read(4, 0x1000, 1)[0] == 0
+        # the function mask holds vectors too, and clearing it delivers them
+        control = Config.MSIX_CAP + Config.MSIX_CONTROL
+        cfg_write(virtio_device, control, 2, Config.MSIX_FUNCTION_MASK)
+        virtio_device.raise_msix(2)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        cfg_write(virtio_device, control, 2, 0)
+        assert os.eventfd_read(efd) == 1
         with pytest.raises(AccessError) as error:
             virtio_device.set_irq_triggers(IrqIndex.MSIX, 3, [None, None])
         assert error.value.errno == errno.EINVAL
