@@ -1,0 +1,43 @@
+"""The plugin conformance suite: a pytest plugin that checks an installed mediator against
+every rule of the hook contract.
+
+It is registered through the ``pytest11`` entry point, so in any environment with vfio-mediate
+installed::
+
+    pytest --mediator NAME          # the suite, next to the project's own tests
+    vfio-mediate check NAME         # the suite alone (pytest -p vfio_mediate.conformance
+                                    #   --mediator NAME --conformance-only)
+
+NAME is the mediator's entry point in ``vfio_mediate.mediators``. The suite opens the devices
+the mediator's ``mediator_targets`` names (and look-alikes it must decline), drives every hook
+through the real core, and fails each broken rule with a message that starts with its id
+(``[rw-result] ...``). Capabilities (migration v2, dirty logging, device-specific regions) are
+learnt from the hooks (see ``Capabilities``); their tests skip, with the reason, when absent.
+Without ``--mediator`` the plugin does nothing.
+"""
+
+from ._capabilities import Capabilities, Profile
+from ._mediator import HookCall, HookRecorder, Implementation, MediatorUnderTest
+from ._plugin import (
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_ignore_collect,
+    pytest_report_header,
+)
+from ._targets import Target
+
+__all__ = [
+    "Capabilities",
+    "HookCall",
+    "HookRecorder",
+    "Implementation",
+    "MediatorUnderTest",
+    "Profile",
+    "Target",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_ignore_collect",
+    "pytest_report_header",
+]

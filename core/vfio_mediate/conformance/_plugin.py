@@ -1,0 +1,124 @@
+"""The pytest side: ``--mediator NAME`` adds the conformance suite for that installed mediator.
+
+Without ``--mediator`` nothing is collected and nothing changes: the plugin is loaded in every
+pytest run of an environment that has vfio-mediate (its ``pytest11`` entry point), so a
+project's own tests must not notice it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+__all__ = [
+    "MEDIATOR_NAME",
+    "ConformanceModule",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_ignore_collect",
+    "pytest_report_header",
+]
+
+SUITE = "vfio_mediate.conformance._suite"
+MEDIATOR_NAME = pytest.StashKey[str]()
+"""Stashed on each suite module node: the entry-point name of the mediator it checks."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--mediator NAME`` (repeatable) and ``--conformance-only``."""
+    group = parser.getgroup("vfio-mediate", "vfio-mediate plugin conformance suite")
+    group.addoption(
+        "--mediator",
+        action="append",
+        default=[],
+        metavar="NAME",
+        dest="vfio_mediate_mediators",
+        help="run the conformance suite on the installed mediator NAME (its entry point in "
+        "vfio_mediate.mediators); may be given more than once",
+    )
+    group.addoption(
+        "--conformance-only",
+        action="store_true",
+        dest="vfio_mediate_conformance_only",
+        help="with --mediator: collect only the conformance suite, none of the project's tests",
+    )
+
+
+def _mediators(config: pytest.Config) -> list[str]:
+    names: list[str] = config.getoption("vfio_mediate_mediators")
+    return list(dict.fromkeys(names))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Check that every ``--mediator`` names an installed mediator (without importing it)."""
+    names = _mediators(config)
+    if not names:
+        return
+    from ._mediator import installed_mediators
+
+    installed = installed_mediators()
+    missing = [name for name in names if name not in installed]
+    if missing:
+        known = ", ".join(sorted(installed)) or "none"
+        raise pytest.UsageError(
+            f"--mediator: no installed mediator is named {', '.join(map(repr, missing))} "
+            f"(entry points of vfio_mediate.mediators: {known})"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Name the mediators being checked and where they come from."""
+    names = _mediators(config)
+    if not names:
+        return None
+    from ._mediator import installed_mediators
+
+    installed = installed_mediators()
+    described = []
+    for name in names:
+        dists = {f"{ep.dist.name} {ep.dist.version}" for ep in installed[name] if ep.dist}
+        described.append(f"{name} ({', '.join(sorted(dists)) or 'no distribution'})")
+    return f"vfio-mediate conformance: {'; '.join(described)}"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``--conformance-only``, the project's own files are not collected."""
+    if _mediators(config) and config.getoption("vfio_mediate_conformance_only"):
+        return True
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Add the suite once per ``--mediator``, before other plugins select (``-k``, ``-m``)
+    and order the items."""
+    names = _mediators(config)
+    if not names:
+        return
+    spec = importlib.util.find_spec(SUITE)
+    assert spec is not None and spec.origin is not None
+    for name in names:
+        module = ConformanceModule.from_parent(
+            session,
+            path=Path(spec.origin),
+            name=f"conformance[{name}]",
+            nodeid=f"conformance[{name}]",
+        )
+        module.stash[MEDIATOR_NAME] = name
+        items.extend(session.genitems(module))
+
+
+class ConformanceModule(pytest.Module):
+    """The suite module, collected for one mediator (its name is in the node's stash)."""
+
+    def _getobj(self) -> ModuleType:
+        # The suite is a module of this package, already importable: import it as such rather
+        # than by path, whatever the project's import mode is.
+        return importlib.import_module(SUITE)

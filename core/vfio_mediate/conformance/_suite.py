@@ -1,0 +1,505 @@
+"""The conformance suite: one test (at least) per rule of the hook contract.
+
+Collected once per ``--mediator NAME``; every test runs the real core (``MediatedDevice``,
+``EmulatedPciDevice``) against the installed mediator, alone in its registry, on the devices
+its ``mediator_targets`` names, and fails with a message that starts with the broken rule's id.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from .._errors import ContractViolation, PluginLoadError
+from .._rules import Rule
+from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag
+from ._bench import Bench
+from ._capabilities import Capabilities
+from ._imports import ImportReport, core_imports_by, import_fresh
+from ._machine import check_migration
+from ._mediator import MediatorUnderTest
+from ._plugin import MEDIATOR_NAME
+from ._targets import Target, TargetError, decoys_for, targets_from
+from ._verdict import RuleFailure, checks, describe, fail, tagged
+from ._workload import (
+    GUEST_IOVA,
+    GUEST_SIZE,
+    fill,
+    guest_memory,
+    load_state,
+    logged_writes,
+    mmap_workload,
+    observe,
+    rw_workload,
+    save_state,
+    workout,
+)
+
+S = MigrationState
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The mediator's targets and decoys, or why it has none."""
+
+    targets: tuple[Target, ...] = ()
+    decoys: tuple[Target, ...] = ()
+    error: str | None = None
+
+    def __iter__(self) -> Iterator[Target]:
+        if self.error is not None:
+            pytest.skip(f"the mediator names no usable targets (see test_targets): {self.error}")
+        return iter(self.targets)
+
+
+@pytest.fixture(scope="module")
+def mediator(request: pytest.FixtureRequest) -> MediatorUnderTest:
+    """The mediator under test, imported from its entry point and registered once."""
+    name = request.node.stash[MEDIATOR_NAME]
+    try:
+        return MediatorUnderTest.load(name)
+    except ContractViolation as exc:
+        raise RuleFailure(tagged(exc.rule, str(exc))) from exc
+    except (LookupError, PluginLoadError) as exc:
+        pytest.fail(f"mediator {name!r} cannot be loaded: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def targets(mediator: MediatorUnderTest) -> Targets:
+    """What ``mediator_targets`` names, with decoys shaped like them."""
+    hook = mediator.hook("mediator_targets")
+    if hook is None:
+        return Targets(error="it does not implement mediator_targets")
+    try:
+        found = targets_from(hook())
+    except TargetError as exc:
+        return Targets(error=str(exc))
+    except Exception as exc:
+        return Targets(error=f"mediator_targets raised {exc!r}")
+    return Targets(found, decoys_for(found))
+
+
+@pytest.fixture(scope="module")
+def capabilities(mediator: MediatorUnderTest, targets: Targets) -> Capabilities:
+    """What the mediator declares beyond the basic contract."""
+    try:
+        return Capabilities.probe(mediator, list(targets))
+    except ContractViolation as exc:
+        raise RuleFailure(tagged(exc.rule, str(exc))) from exc
+
+
+@pytest.fixture(scope="module")
+def import_report(
+    mediator: MediatorUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> ImportReport:
+    """What importing the mediator in a fresh interpreter without the core did."""
+    return import_fresh(mediator.name, tmp_path_factory.mktemp("import"))
+
+
+@pytest.fixture
+def bench(mediator: MediatorUnderTest) -> Iterator[Bench]:
+    """Devices for one test, all freed at its end."""
+    made = Bench(mediator)
+    yield made
+    made.close()
+
+
+class TestContract:
+    """The plugin as a whole: its hooks and its imports."""
+
+    @checks(Rule.HOOK_SIGNATURE)
+    def test_hooks_are_the_contracts(self, mediator: MediatorUnderTest) -> None:
+        """Every hook it implements is a hook of the contract with its arguments, and it
+        implements ``mediator_open`` (the registry checked both when the fixture loaded it);
+        each hook once, as a plain implementation: the core calls the winner's function
+        directly, so a second one would never run and a wrapper would return a generator."""
+        seen: set[str] = set()
+        for impl in mediator.implementations:
+            if impl.options.get("wrapper") or impl.options.get("hookwrapper"):
+                fail(Rule.HOOK_SIGNATURE, f"{impl.hook} is a pluggy wrapper, not a plain hook")
+            if impl.hook in seen:
+                fail(Rule.HOOK_SIGNATURE, f"{impl.hook} is implemented more than once")
+            seen.add(impl.hook)
+
+    @checks(Rule.NO_CORE_IMPORT)
+    def test_does_not_import_the_core(
+        self,
+        mediator: MediatorUnderTest,
+        targets: Targets,
+        bench: Bench,
+        import_report: ImportReport,
+    ) -> None:
+        """It imports without ``vfio_mediate`` (a fresh interpreter that refuses it), and its
+        code imports nothing of it while every hook runs."""
+        if import_report.attempts:
+            fail(
+                Rule.NO_CORE_IMPORT,
+                f"importing {mediator.describe()} imports {', '.join(import_report.attempts)}",
+            )
+        if import_report.error is not None:
+            fail(
+                Rule.NO_CORE_IMPORT,
+                f"{mediator.describe()} cannot be imported in an interpreter without the core: "
+                f"{import_report.error}",
+            )
+        with core_imports_by(mediator.modules) as seen:
+            for number, target in enumerate(targets):
+                with bench.opened(target, "imports") as device:
+                    workout(device, target, seed=number)
+        if seen:
+            fail(Rule.NO_CORE_IMPORT, f"while its hooks ran: {'; '.join(dict.fromkeys(seen))}")
+
+
+class TestOpen:
+    """Which devices it claims and what it returns for them."""
+
+    @checks(Rule.OPEN_TARGETS)
+    def test_targets(self, targets: Targets) -> None:
+        """``mediator_targets`` names the devices it is meant to claim."""
+        if targets.error is not None:
+            fail(
+                Rule.OPEN_TARGETS,
+                f"the suite cannot tell which devices it targets: {targets.error}",
+            )
+
+    @checks(Rule.OPEN_TARGETS)
+    def test_claims_its_targets(self, targets: Targets, bench: Bench) -> None:
+        """It claims each device it names as a target."""
+        for target in targets:
+            since = bench.calls
+            with bench.opened(target, "claim") as device:
+                if device.mediator is None:
+                    (call,) = bench.recorder.of("mediator_open", since)
+                    why = f"raised {call.error!r}" if call.error else "returned None"
+                    fail(
+                        Rule.OPEN_TARGETS,
+                        f"it did not claim {target}, which mediator_targets names: "
+                        f"mediator_open {why}",
+                    )
+
+    @checks(Rule.OPEN_TARGETS)
+    def test_declines_other_devices(
+        self, targets: Targets, capabilities: Capabilities, bench: Bench
+    ) -> None:
+        """It declines, with ``None``, devices shaped like its targets but with another vendor
+        or device id (a fallback, ``trylast``, may claim anything)."""
+        capabilities.require_not_fallback()
+        for decoy in targets.decoys:
+            since = bench.calls
+            with bench.opened(decoy, "decoy") as device:
+                if device.mediator is not None:
+                    (call,) = bench.recorder.of("mediator_open", since)
+                    hint = (
+                        " (0, False and b'' are results that claim a device: decline with None)"
+                        if not call.result
+                        else ""
+                    )
+                    fail(
+                        Rule.OPEN_TARGETS,
+                        f"it claimed {decoy}, which is none of its targets: mediator_open "
+                        f"returned {describe(call.result)}{hint}",
+                    )
+
+    @checks(Rule.OPEN_RESULT)
+    def test_open_result(self, targets: Targets, bench: Bench) -> None:
+        """``mediator_open`` declines by returning ``None``, never by raising; the handle it
+        returns is what every later hook of that device receives."""
+        for number, target in enumerate([*targets, *targets.decoys]):
+            since = bench.calls
+            with bench.opened(target, "open") as device:
+                (call,) = bench.recorder.of("mediator_open", since)
+                if call.error is not None:
+                    fail(
+                        Rule.OPEN_RESULT,
+                        f"mediator_open raised {call.error!r} for {target}: decline a device "
+                        "by returning None",
+                    )
+                if target in targets.decoys or call.result is None:
+                    continue
+                workout(device, target, seed=number)
+            for later in bench.recorder.calls[since:]:
+                if "handle" in later.args and later.args["handle"] is not call.result:
+                    fail(
+                        Rule.OPEN_RESULT,
+                        f"{later.hook} got {describe(later.args['handle'])}, not the handle "
+                        f"{describe(call.result)} that mediator_open returned",
+                    )
+
+
+class TestRelease:
+    """The end of a claim."""
+
+    @checks(Rule.RELEASE_ONCE)
+    def test_release_once(self, targets: Targets, bench: Bench) -> None:
+        """``mediator_release`` runs once, at the last close, with the claimed handle, and
+        completes; never for a device it declined."""
+        for number, target in enumerate([*targets, *targets.decoys]):
+            device = bench.device(target, "release")
+            since = bench.calls
+            device.open()
+            (opened,) = bench.recorder.of("mediator_open", since)
+            device.open()
+            if device.mediator is not None and target not in targets.decoys:
+                workout(device, target, seed=number)
+            device.close()
+            if bench.recorder.of("mediator_release", since):
+                fail(Rule.RELEASE_ONCE, f"{target}: released at a close that was not the last")
+            device.close()
+            releases = bench.recorder.of("mediator_release", since)
+            expected = 0 if opened.result is None else 1
+            if len(releases) != expected:
+                fail(
+                    Rule.RELEASE_ONCE,
+                    f"{target}: mediator_release ran {len(releases)} times, not {expected}",
+                )
+            for release in releases:
+                if release.args.get("handle", opened.result) is not opened.result:
+                    fail(Rule.RELEASE_ONCE, f"{target}: released another handle than it claimed")
+                if release.error is not None:
+                    fail(
+                        Rule.RELEASE_ONCE,
+                        f"{target}: mediator_release raised {release.error!r}; the core logs it "
+                        "and goes on, and whatever the handle held is left behind",
+                    )
+
+
+class TestRegions:
+    """What the mediator says about the device's regions."""
+
+    @checks(Rule.REGION_INFO_VALID)
+    def test_region_info_valid(self, targets: Targets, bench: Bench) -> None:
+        """Valid info for every region (the core checks it narrows the device's); a region it
+        does not mediate keeps the device's own info exactly; no MSI-X mmap it lacks."""
+        for target in targets:
+            with bench.opened(target, "regions") as device:
+                for index in range(PCI_NUM_REGIONS):
+                    info = device.region_info(index)
+                    own = device.backend.region_info(index)
+                    if index not in device.mediated_regions and info != own:
+                        fail(
+                            Rule.REGION_INFO_VALID,
+                            f"{target}: region {index} is not mediated, yet its info changed "
+                            f"from {own.to_plain()} to {info.to_plain()}",
+                        )
+                    if info.msix_mappable and not own.msix_mappable:
+                        fail(
+                            Rule.REGION_INFO_VALID,
+                            f"{target}: region {index} claims an mmap-able MSI-X table",
+                        )
+
+    @checks(Rule.DEVICE_REGIONS_VALID)
+    def test_device_regions_valid(self, capabilities: Capabilities, bench: Bench) -> None:
+        """Its device-specific regions have a size and access flags, are accessible, and can
+        be mapped where they say so."""
+        for number, profile in enumerate(capabilities.with_device_regions()):
+            with bench.opened(profile.target, "own-regions") as device:
+                for index in profile.device_regions:
+                    info = device.region_info(index)
+                    if not info.size or not info.flags & (RegionFlag.READ | RegionFlag.WRITE):
+                        fail(
+                            Rule.DEVICE_REGIONS_VALID,
+                            f"{profile.target}: region {index} cannot be accessed: "
+                            f"{info.to_plain()}",
+                        )
+                    rw_workload(device, profile.target, index, seed=number)
+                refused = mmap_workload(
+                    device, profile.target, verify=True, regions=profile.device_regions
+                )
+                if refused:
+                    fail(
+                        Rule.DEVICE_REGIONS_VALID,
+                        f"{profile.target}: the {refused[0].what} was refused, yet the region "
+                        f"says it can be mapped: {refused[0].error}",
+                    )
+
+
+class TestAccess:
+    """Reads, writes and mappings of mediated regions."""
+
+    @checks(Rule.RW_RESULT)
+    def test_rw_result(self, targets: Targets, bench: Bench) -> None:
+        """Every access of a mediated region returns exactly the bytes read or the count
+        written, and changes nothing outside the access."""
+        for number, target in enumerate(targets):
+            with bench.opened(target, "rw") as device:
+                for index in sorted(device.mediated_regions):
+                    rw_workload(device, target, index, seed=number)
+
+    @checks(Rule.ACCESS_ERRORS)
+    def test_access_errors(self, targets: Targets, bench: Bench) -> None:
+        """Whatever the mediator refuses, it refuses with an ``OSError`` that has an errno."""
+        for number, target in enumerate(targets):
+            with bench.opened(target, "errors") as device:
+                for refusal in workout(device, target, seed=number):
+                    code = refusal.error.errno
+                    if not isinstance(code, int) or code not in errno.errorcode:
+                        fail(
+                            Rule.ACCESS_ERRORS,
+                            f"{target}: the {refusal.what} was refused with "
+                            f"{refusal.error!r}, which has no valid errno",
+                        )
+
+    @checks(Rule.MMAP_RESULT)
+    def test_mmap_result(self, targets: Targets, bench: Bench) -> None:
+        """Each mmap-able area maps: a file descriptor and offset whose memory shows the
+        region's bytes (and, on a plain device, is the region's memory)."""
+        for number, target in enumerate(targets):
+            with bench.opened(target, "mmap") as device:
+                for info in device.regions:
+                    fill(device, target, info.index, seed=number)
+                mmap_workload(device, target, verify=True)
+
+
+class TestConduct:
+    """How the mediator behaves around the accesses."""
+
+    @checks(Rule.QUIET)
+    def test_quiet(
+        self,
+        targets: Targets,
+        bench: Bench,
+        import_report: ImportReport,
+        capfd: pytest.CaptureFixture[str],
+    ) -> None:
+        """Nothing reaches stdout, at import or from any hook (it logs through ``logging``)."""
+        if import_report.printed:
+            fail(Rule.QUIET, f"importing it printed {describe(import_report.printed)}")
+        capfd.readouterr()
+        for number, target in enumerate(targets):
+            with bench.opened(target, "quiet") as device:
+                workout(device, target, seed=number)
+        for decoy in targets.decoys:
+            with bench.opened(decoy, "quiet"):
+                pass
+        printed = capfd.readouterr().out
+        if printed:
+            fail(Rule.QUIET, f"its hooks printed {describe(printed)}")
+
+    @checks(Rule.ISOLATION)
+    def test_isolation(self, targets: Targets, bench: Bench) -> None:
+        """Using, resetting, migrating and closing one device changes nothing another device
+        of the same kind shows: region info, flags and (on a plain device) contents."""
+        for target in targets:
+            with bench.opened(target, "isolation-b") as other:
+                for index in sorted(other.mediated_regions):
+                    rw_workload(other, target, index, seed=2)
+                before = observe(other, target, contents=target.is_plain)
+                with bench.opened(target, "isolation-a") as device:
+                    workout(device, target, seed=1)
+                after = observe(other, target, contents=target.is_plain)
+                changed = [key for key, value in before.items() if after.get(key) != value]
+                if changed:
+                    fail(
+                        Rule.ISOLATION,
+                        f"{target}: using and closing another device of the same kind changed "
+                        f"this one's {', '.join(changed[:4])}",
+                    )
+                workout(other, target, seed=3)
+
+    @checks(Rule.REOPEN)
+    def test_reopen(self, targets: Targets, bench: Bench) -> None:
+        """After the last close and a new open the device is claimed again and looks and
+        works as it did the first time."""
+        for number, target in enumerate(targets):
+            device = bench.device(target, "reopen")
+            with device:
+                first = observe(device, target, contents=False)
+                workout(device, target, seed=number)
+            with device:
+                if first["mediator"] is not None and device.mediator is None:
+                    fail(Rule.REOPEN, f"{target}: not claimed again after its last close")
+                again = observe(device, target, contents=False)
+                changed = [key for key, value in first.items() if again.get(key) != value]
+                if changed:
+                    fail(
+                        Rule.REOPEN,
+                        f"{target}: after close and open again its {', '.join(changed[:4])} "
+                        "changed",
+                    )
+                workout(device, target, seed=number)
+
+
+class TestMigration:
+    """Migration v2, for targets whose ``mediator_migration_flags`` gives flags."""
+
+    @checks(Rule.MIGRATION)
+    def test_migration_flags(self, capabilities: Capabilities, bench: Bench) -> None:
+        """The flags are valid (STOP_COPY at least) and the same at every open."""
+        for profile in capabilities.migrating():
+            with bench.opened(profile.target, "flags") as device:
+                flags = device.migration_flags
+            if flags != profile.migration_flags:
+                fail(
+                    Rule.MIGRATION,
+                    f"{profile.target}: migration flags {flags:#x} at one open, "
+                    f"{profile.migration_flags:#x} at another",
+                )
+
+    @checks(Rule.MIGRATION)
+    def test_migration_round_trip(self, capabilities: Capabilities, bench: Bench) -> None:
+        """A state one device saves loads into another device of the same kind."""
+        for profile in capabilities.migrating():
+            with bench.opened(profile.target, "source") as source:
+                stream = save_state(source)
+            with bench.opened(profile.target, "destination") as destination:
+                load_state(destination, stream)
+                if destination.migration_state is not S.RUNNING:
+                    fail(Rule.MIGRATION, f"{profile.target}: loaded, but not running")
+
+    @checks(Rule.MIGRATION)
+    def test_migration_state_machine(self, capabilities: Capabilities, bench: Bench) -> None:
+        """Random legal and illegal transitions follow the arc table; garbage does not load;
+        only reset leaves ERROR."""
+        for profile in capabilities.migrating():
+            with bench.opened(profile.target, "saved") as source:
+                saved = save_state(source)
+            check_migration(bench, profile.target, profile.migration_flags, saved)
+
+
+class TestDirtyLogging:
+    """DMA dirty page logging, for mediators that implement ``mediator_dma_logging_start``."""
+
+    @checks(Rule.DIRTY_LOGGING)
+    def test_dirty_logging_lifecycle(self, capabilities: Capabilities, bench: Bench) -> None:
+        """Logging starts, reports, stops, starts again, and stops at close."""
+        for profile in capabilities.logging():
+            device = bench.device(profile.target, "logging")
+            with device, guest_memory(device):
+                for _ in range(2):
+                    device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
+                    device.dma_logging_report(GUEST_IOVA, GUEST_SIZE, PAGE_SIZE)
+                    device.dma_logging_stop()
+                device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
+                since = bench.calls
+            if len(bench.recorder.of("mediator_dma_logging_stop", since)) != 1:
+                fail(
+                    Rule.DIRTY_LOGGING, f"{profile.target}: logging did not stop at the last close"
+                )
+
+    @checks(Rule.DIRTY_LOGGING)
+    def test_dirty_logging_reports_device_writes(
+        self, capabilities: Capabilities, bench: Bench
+    ) -> None:
+        """Every page the device writes by DMA while logging is reported (checked against the
+        DMA space's own record of writes, for the DMA the suite's accesses make the device do)."""
+        written_any = False
+        for number, profile in enumerate(capabilities.logging()):
+            with bench.opened(profile.target, "dirty") as device:
+                written, reported, _ = logged_writes(device, profile.target, seed=number)
+            missed = sorted(written - reported)
+            if missed:
+                fail(
+                    Rule.DIRTY_LOGGING,
+                    f"{profile.target}: the device wrote page(s) {missed[:8]} of guest memory "
+                    "by DMA while logging, and they were not reported",
+                )
+            written_any = written_any or bool(written)
+        if not written_any:
+            pytest.skip(
+                "the suite's register accesses made none of the targets write guest memory by "
+                "DMA, so there is nothing to compare the log with; drive the device with its "
+                "own traffic in the vendor's tests"
+            )

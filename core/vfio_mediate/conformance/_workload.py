@@ -1,0 +1,366 @@
+"""What the suite does to a device: accesses of every size and place, mmaps, migration, dirty
+logging, reset; and the checks that hold whatever the mediator does with them.
+
+Devices come in two kinds (``Target.is_plain``). A plain device is only its spec: its regions
+are memory, so the suite writes patterns everywhere and compares every byte around an access.
+A device model's registers have side effects the suite cannot know, so it writes each register
+only with the value it just read from it, and compares nothing outside the access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .._device import MediatedDevice
+from .._dma import anonymous_memory
+from .._errors import MigrationError
+from .._rules import Rule
+from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag, RegionInfo
+from ._targets import Target
+from ._verdict import fail
+
+__all__ = [
+    "GUEST_IOVA",
+    "GUEST_SIZE",
+    "Refusal",
+    "access_plan",
+    "drain",
+    "fill",
+    "guest_memory",
+    "logged_writes",
+    "mmap_workload",
+    "observe",
+    "pattern",
+    "rw_workload",
+    "save_state",
+    "workout",
+]
+
+GUEST_IOVA = 0
+GUEST_SIZE = 1 << 20
+"""Guest memory the suite maps into a device's DMA space for dirty logging: 1 MiB at IOVA 0."""
+
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An access the mediator refused: where, and the error it raised."""
+
+    what: str
+    error: OSError
+
+
+def pattern(count: int, seed: int) -> bytes:
+    """``count`` non-zero bytes that differ for each ``seed`` (1..255 cycled, rotated)."""
+    cycle = bytes(range(1, 256))
+    shift = seed % len(cycle)
+    cycle = cycle[shift:] + cycle[:shift]
+    return (cycle * (count // len(cycle) + 1))[:count]
+
+
+def access_plan(size: int) -> list[tuple[int, int]]:
+    """``(offset, count)`` accesses for a region of ``size`` bytes: small aligned and unaligned
+    ones at the start, across and at a page boundary, in the middle and at the end."""
+    wanted = [(0, 1), (1, 1), (2, 2), (4, 4), (8, 8), (5, 3), (size // 2, 4), (size - 8, 8)]
+    wanted.append((size - 1, 1))
+    if size >= 2 * PAGE_SIZE:
+        wanted += [(PAGE_SIZE - 4, 8), (PAGE_SIZE, PAGE_SIZE)]
+    plan: list[tuple[int, int]] = []
+    for offset, count in wanted:
+        if offset >= 0 and offset + count <= size and (offset, count) not in plan:
+            plan.append((offset, count))
+    return plan
+
+
+def _where(index: int, offset: int, count: int) -> str:
+    return f"region {index} at {offset:#x}+{count:#x}"
+
+
+def _check_untouched(
+    index: int, before: bytes, after: bytes, offset: int, count: int, what: str
+) -> None:
+    end = offset + count
+    for first, last in ((0, offset), (end, len(before))):
+        if before[first:last] != after[first:last]:
+            changed = next(i for i in range(first, last) if before[i] != after[i])
+            fail(
+                Rule.RW_RESULT,
+                f"a {what} of {_where(index, offset, count)} changed byte {changed:#x}, "
+                f"outside the access ({before[changed]:#04x} -> {after[changed]:#04x})",
+            )
+
+
+def fill(device: MediatedDevice, target: Target, index: int, seed: int) -> None:
+    """Give a plain device's region ``index`` a pattern (through the device, not the mediator)."""
+    if not target.is_plain or index >= PCI_NUM_REGIONS:
+        return
+    info = device.backend.region_info(index)
+    if info.size and info.flags & RegionFlag.WRITE:
+        device.backend.write(index, 0, pattern(info.size, seed))
+
+
+def rw_workload(device: MediatedDevice, target: Target, index: int, seed: int) -> list[Refusal]:
+    """Read and write region ``index`` at every place of ``access_plan``; check each result's
+    length and, on a plain device, that no byte outside the access changed. Returns what the
+    mediator refused."""
+    info = device.region_info(index)
+    if not info.size:
+        return []
+    readable, writable = info.flags & RegionFlag.READ, info.flags & RegionFlag.WRITE
+    plain = target.is_plain and index < PCI_NUM_REGIONS
+    fill(device, target, index, seed)
+
+    def contents() -> bytes:
+        return device.backend.read(index, 0, info.size) if plain else b""
+
+    refusals: list[Refusal] = []
+    for offset, count in access_plan(info.size):
+        value: bytes | None = None
+        if readable:
+            before = contents()
+            try:
+                value = device.read(index, offset, count)
+            except OSError as exc:
+                refusals.append(Refusal(f"read of {_where(index, offset, count)}", exc))
+            else:
+                if len(value) != count:
+                    fail(Rule.RW_RESULT, f"read of {_where(index, offset, count)} gave {value!r}")
+            if plain:
+                _check_untouched(index, before, contents(), offset, count, "read")
+        data = pattern(count, seed + offset + 1) if plain else value
+        if not writable or data is None:
+            continue
+        before = contents()
+        try:
+            written = device.write(index, offset, data)
+        except OSError as exc:
+            refusals.append(Refusal(f"write of {_where(index, offset, count)}", exc))
+        else:
+            if written != count:
+                fail(Rule.RW_RESULT, f"write of {_where(index, offset, count)} wrote {written}")
+        if plain:
+            _check_untouched(index, before, contents(), offset, count, "write")
+    return refusals
+
+
+def mmap_workload(
+    device: MediatedDevice,
+    target: Target,
+    *,
+    verify: bool,
+    regions: Collection[int] | None = None,
+) -> list[Refusal]:
+    """Ask for a mapping of every mmap-able area (whole, and its first page) of ``regions``
+    (default: all); with ``verify``, map each and check that it shows the region's bytes (and,
+    on a plain device, that a write through it is the region's too). Returns what the mediator
+    refused."""
+    refusals: list[Refusal] = []
+    for info in device.regions:
+        if regions is not None and info.index not in regions:
+            continue
+        for area in info.mmap_areas():
+            for offset, length in dict.fromkeys(
+                [(area.offset, area.size), (area.offset, PAGE_SIZE)]
+            ):
+                try:
+                    mapping = device.mmap(info.index, offset, length)
+                except OSError as exc:
+                    refusals.append(Refusal(f"mmap of {_where(info.index, offset, length)}", exc))
+                    continue
+                if verify:
+                    _check_mapping(device, target, info, offset, length, *mapping)
+    return refusals
+
+
+def _check_mapping(
+    device: MediatedDevice,
+    target: Target,
+    info: RegionInfo,
+    offset: int,
+    length: int,
+    fd: int,
+    file_offset: int,
+) -> None:
+    where = _where(info.index, offset, length)
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        fail(Rule.MMAP_RESULT, f"the mapping of {where} names fd {fd}, which is not open")
+    if file_offset % mmap.ALLOCATIONGRANULARITY:
+        fail(Rule.MMAP_RESULT, f"the mapping of {where} starts at file offset {file_offset:#x}")
+    if stat.S_ISREG(status.st_mode) and status.st_size < file_offset + length:
+        fail(
+            Rule.MMAP_RESULT,
+            f"the mapping of {where} needs {file_offset + length:#x} bytes of fd {fd}, "
+            f"which has {status.st_size:#x}",
+        )
+    protection = mmap.PROT_READ | (mmap.PROT_WRITE if info.flags & RegionFlag.WRITE else 0)
+    try:
+        mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=protection, offset=file_offset)
+    except (OSError, ValueError) as exc:
+        fail(Rule.MMAP_RESULT, f"the mapping of {where} (fd {fd}) cannot be mapped: {exc}")
+    with mapped:
+        try:
+            shown = device.read(info.index, offset, length)
+        except OSError:
+            return  # the mediator traps reads of a mapped area: nothing to compare with
+        if mapped[:] != shown:
+            at = next(i for i in range(length) if mapped[i] != shown[i])
+            fail(
+                Rule.MMAP_RESULT,
+                f"the mapping of {where} does not show the region: byte {offset + at:#x} is "
+                f"{mapped[at]:#04x} mapped but {shown[at]:#04x} read",
+            )
+        if target.is_plain and info.index < PCI_NUM_REGIONS and info.flags & RegionFlag.WRITE:
+            mark = pattern(8, offset + 77)
+            mapped[:8] = mark
+            if device.backend.read(info.index, offset, 8) != mark:
+                fail(
+                    Rule.MMAP_RESULT,
+                    f"the mapping of {where} is not the region's memory: a write through it "
+                    "does not reach the device",
+                )
+
+
+def drain(device: MediatedDevice) -> bytes:
+    """Read all saved migration data there is now."""
+    chunks = []
+    while chunk := device.read_migration_data(_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def save_state(device: MediatedDevice) -> bytes:
+    """Save a running device's state (to STOP_COPY and back to RUNNING); the whole stream."""
+    try:
+        device.set_migration_state(MigrationState.STOP_COPY)
+        stream = drain(device)
+        device.set_migration_state(MigrationState.RUNNING)
+    except MigrationError as exc:
+        fail(Rule.MIGRATION, f"{device.name}: saving its state failed: {exc}")
+    return stream
+
+
+def load_state(device: MediatedDevice, stream: bytes) -> None:
+    """Load ``stream`` into a running device (through RESUMING) and run it again."""
+    try:
+        device.set_migration_state(MigrationState.RESUMING)
+        device.write_migration_data(stream)
+        device.set_migration_state(MigrationState.RUNNING)
+    except MigrationError as exc:
+        fail(
+            Rule.MIGRATION,
+            f"{device.name}: loading a state that a device of the same kind saved failed: {exc}",
+        )
+
+
+@contextlib.contextmanager
+def guest_memory(device: MediatedDevice) -> Iterator[memoryview]:
+    """``GUEST_SIZE`` bytes of shared memory mapped at ``GUEST_IOVA`` in the device's DMA space
+    for the ``with`` block."""
+    space = device.dma
+    if space is None:
+        raise OSError(errno.ENODEV, f"{device.name} has no DMA space")
+    fd, memory = anonymous_memory(GUEST_SIZE, "conformance-guest")
+    try:
+        space.map_memory(GUEST_IOVA, memory)
+        try:
+            yield memoryview(memory)
+        finally:
+            space.unmap(GUEST_IOVA, GUEST_SIZE)
+    finally:
+        memory.close()
+        os.close(fd)
+
+
+def _pages(iova: int, length: int) -> set[int]:
+    first, end = max(iova, GUEST_IOVA), min(iova + length, GUEST_IOVA + GUEST_SIZE)
+    return set(range((first - GUEST_IOVA) // PAGE_SIZE, -(-(end - GUEST_IOVA) // PAGE_SIZE)))
+
+
+def logged_writes(
+    device: MediatedDevice, target: Target, seed: int
+) -> tuple[set[int], set[int], list[Refusal]]:
+    """Log dirty pages of the guest memory while every region is read and written.
+
+    Returns the pages the device really wrote by DMA (``DmaSpace.watch``, which no real device
+    offers), the pages the log reported, and the refused accesses.
+    """
+    written: set[int] = set()
+    refusals: list[Refusal] = []
+    space = device.dma
+    assert space is not None
+    with guest_memory(device):
+        unwatch = space.watch(lambda iova, length: written.update(_pages(iova, length)))
+        try:
+            device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
+            try:
+                for info in device.regions:
+                    refusals += rw_workload(device, target, info.index, seed)
+                bitmap = device.dma_logging_report(GUEST_IOVA, GUEST_SIZE, PAGE_SIZE)
+            finally:
+                device.dma_logging_stop()
+        finally:
+            unwatch()
+    value = int.from_bytes(bitmap, "little")
+    reported = {page for page in range(GUEST_SIZE // PAGE_SIZE) if value >> page & 1}
+    return written, reported, refusals
+
+
+def workout(device: MediatedDevice, target: Target, seed: int) -> list[Refusal]:
+    """Drive every hook once on an open device: region info, accesses of every mediated
+    region, mmaps, a save and a load of its state, dirty logging, reset.
+
+    Refused accesses are returned; a migration of its own state that fails fails the test.
+    """
+    refusals: list[Refusal] = []
+    for index in range(device.device_info().num_regions):
+        device.region_info(index)
+    for index in sorted(device.mediated_regions):
+        refusals += rw_workload(device, target, index, seed)
+    refusals += mmap_workload(device, target, verify=False)
+    if device.migration_flags:
+        load_state(device, save_state(device))
+    try:
+        refusals += logged_writes(device, target, seed)[2]
+    except OSError as exc:
+        if exc.errno != errno.ENOTTY:  # ENOTTY: the mediator does not log dirty pages
+            refusals.append(Refusal("dirty logging", exc))
+    try:
+        device.reset()
+    except OSError as exc:
+        refusals.append(Refusal("reset", exc))
+    return refusals
+
+
+def observe(device: MediatedDevice, target: Target, *, contents: bool) -> dict[str, Any]:
+    """What a client sees of an open device: its mediator, mediated regions, region info,
+    migration flags and, with ``contents``, the bytes at every place of ``access_plan`` of
+    each mediated region."""
+    seen: dict[str, Any] = {
+        "mediator": device.mediator.name if device.mediator else None,
+        "mediated regions": sorted(device.mediated_regions),
+        "migration flags": device.migration_flags,
+    }
+    for index in range(device.device_info().num_regions):
+        seen[f"region {index} info"] = device.region_info(index).to_plain()
+    if contents:
+        for index in sorted(device.mediated_regions):
+            info = device.region_info(index)
+            if not info.flags & RegionFlag.READ:
+                continue
+            for offset, count in access_plan(info.size):
+                try:
+                    value: Any = device.read(index, offset, count)
+                except OSError as exc:
+                    value = f"refused ({exc.errno})"
+                seen[f"{_where(index, offset, count)} contents"] = value
+    return seen
