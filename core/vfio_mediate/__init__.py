@@ -7,7 +7,7 @@ implement and ``vfio_mediate.uapi`` the Linux VFIO numbers and types they share.
 
 from ._backend import DeviceBackend, DeviceIdentity, RegionMapping, Trigger
 from ._device import MediatedDevice, MediatorDevice, MigrationStream
-from ._devices import create_device, discover_device_models
+from ._devices import create_device, create_from_model, discover_device_models
 from ._dirty import DirtyBitmap, DirtyLog
 from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
 from ._errors import (
@@ -98,6 +98,7 @@ __all__ = [
     "Workload",
     "anonymous_memory",
     "create_device",
+    "create_from_model",
     "discover_device_models",
     "find_workload",
     "load_spec",

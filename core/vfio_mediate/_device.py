@@ -246,6 +246,9 @@ class MediatedDevice:
                 assert self._record is not None
                 logger.exception("mediator %s raised in %s", self._record.describe(), hook)
 
+    def _without_errno(self, exc: OSError) -> ContractViolation:
+        return self._violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno")
+
     def _violation(self, rule: Rule, message: str) -> ContractViolation:
         assert self._record is not None
         return ContractViolation(self._record.describe(), rule.value, message)
@@ -274,7 +277,11 @@ class MediatedDevice:
             return own
         try:
             answer = hook(self._handle, own.to_plain())
-        except OSError:
+        except OSError as exc:
+            if not exc.errno:
+                raise self._violation(
+                    Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
+                ) from exc
             raise
         except Exception as exc:
             raise self._violation(
@@ -305,6 +312,10 @@ class MediatedDevice:
             raise self._violation(
                 Rule.REGION_INFO_VALID,
                 f"region {index}: flags {RegionFlag(extra_flags)!r} the device lacks",
+            )
+        if info.msix_mappable and not own.msix_mappable:
+            raise self._violation(
+                Rule.REGION_INFO_VALID, f"region {index}: MSIX_MAPPABLE that the device lacks"
             )
         own_pages = _pages(own.mmap_areas())
         extra = _pages(info.mmap_areas()) - own_pages
@@ -362,12 +373,14 @@ class MediatedDevice:
                 return refuse, refuse
             return functools.partial(backend_read, index), functools.partial(backend_write, index)
         handle = self._handle
-        violation = self._violation
+        violation, without_errno = self._violation, self._without_errno
 
         def read(offset: int, count: int) -> bytes:
             try:
                 result = rw(handle, index, offset, count, None, False)
-            except OSError:
+            except OSError as exc:
+                if not exc.errno:
+                    raise without_errno(exc) from exc
                 raise
             except Exception as exc:
                 raise violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}") from exc
@@ -384,7 +397,9 @@ class MediatedDevice:
         def write(offset: int, data: bytes) -> int:
             try:
                 result = rw(handle, index, offset, len(data), data, True)
-            except OSError:
+            except OSError as exc:
+                if not exc.errno:
+                    raise without_errno(exc) from exc
                 raise
             except Exception as exc:
                 raise violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}") from exc
@@ -491,7 +506,11 @@ class MediatedDevice:
             if hook is not None:
                 try:
                     answer = hook(self._handle, index, offset, length)
-                except OSError:
+                except OSError as exc:
+                    if not exc.errno:
+                        raise self._violation(
+                            Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
+                        ) from exc
                     raise
                 except Exception as exc:
                     raise self._violation(
@@ -544,7 +563,11 @@ class MediatedDevice:
             return None
         try:
             return function(self._handle, *args)
-        except OSError:
+        except OSError as exc:
+            if not exc.errno:
+                raise self._violation(
+                    Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
+                ) from exc
             raise
         except Exception as exc:
             raise self._violation(Rule.ACCESS_ERRORS, f"{hook} raised {exc!r}") from exc

@@ -11,7 +11,7 @@ from ._pci import EmulatedPciDevice
 from ._registry import DEVICE_GROUP, PluginRecord, entry_points, load_entry_point
 from ._spec import DeviceSpec, load_spec
 
-__all__ = ["create_device", "discover_device_models"]
+__all__ = ["create_device", "create_from_model", "discover_device_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,11 @@ def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> 
         )
     if record.error is not None:
         raise DeviceSpecError(f"device model {record.describe()} failed to load: {record.error}")
-    return _from_factory(record, name or text)
+    return create_from_model(record, name or text)
 
 
-def _from_factory(record: PluginRecord, name: str) -> EmulatedPciDevice:
+def create_from_model(record: PluginRecord, name: str) -> EmulatedPciDevice:
+    """Build device ``name`` from a discovered model's factory (no new entry-point scan)."""
     try:
         made: Any = record.plugin()
         plain, model = made

@@ -66,8 +66,10 @@ def mediator_targets() -> Any:
     dicts (the fields of a TOML device spec).
 
     Not used to choose a winner (``mediator_open`` decides); the conformance suite opens these
-    devices and checks that each is claimed (``open-targets``), and offers others that must be
-    declined. A mediator that claims any device (like the null mediator) returns a few examples.
+    devices and checks that each is claimed (``open-targets``), and offers look-alikes that must
+    be declined. A fallback that may claim any device (like the null mediator) declares itself
+    with ``trylast=True`` on ``mediator_open``, returns a few examples here, and is offered no
+    device to decline.
     """
 
 

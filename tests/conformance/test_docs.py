@@ -1,4 +1,4 @@
-"""The vendor's three steps in ``docs/conformance.md`` work as written: a project made of the
+"""The vendor's three steps in ``CONTRIBUTING.md`` work as written: a project made of the
 document's snippets, installed as a distribution, passes the suite by both commands."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 from suite_runs import environment, pip_install
 
-DOC = Path(__file__).parents[2] / "docs" / "conformance.md"
+DOC = Path(__file__).parents[2] / "CONTRIBUTING.md"
 FILE_BLOCK = re.compile(r"^`(?P<name>[\w.]+)`:\n\n```\w+\n(?P<body>.*?)^```$", re.M | re.S)
 SHELL_BLOCK = re.compile(r"^```sh\n(?P<body>.*?)^```$", re.M | re.S)
-INSTALL = "pip install -e . 'vfio-mediate[test]'"
+INSTALL = "pip install -e . 'vfio-mediate[check]'"
 """Step 3's install, which the test does without network: vfio-mediate is installed already,
 and the project goes into a directory of its own (pip cannot install editable to a target)."""
 

@@ -401,3 +401,21 @@ def test_accesses_the_flags_forbid_are_refused(virtio_device: EmulatedPciDevice)
             device.write(0, 0, b"\x01")
         assert error.value.errno == errno.EINVAL
         assert virtio_device.read(0, 0, 1) == b"\x00"
+
+
+def test_oserror_without_errno_is_a_contract_violation(virtio_device: EmulatedPciDevice) -> None:
+    def mediator_rw(handle: Any, index: int, offset: int, count: int, data: Any, is_write: bool):
+        raise OSError("no errno here")
+
+    with register(virtio_device, mediator_rw=mediator_rw) as device:
+        with pytest.raises(ContractViolation, match="without an errno") as error:
+            device.read(0, 0, 4)
+        assert error.value.rule == "access-errors"
+
+
+def test_a_mediator_cannot_claim_msix_mappable(virtio_device: EmulatedPciDevice) -> None:
+    def mediator_get_region_info(handle: Any, info: dict[str, Any]) -> Any:
+        return {**info, "msix_mappable": True} if info["index"] == 4 else None
+
+    with pytest.raises(ContractViolation, match="MSIX_MAPPABLE"):
+        register(virtio_device, mediator_get_region_info=mediator_get_region_info).open()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._devices import _from_factory, discover_device_models
+from .._devices import create_from_model, discover_device_models
 from .._errors import DeviceSpecError
 from .._pci import EmulatedPciDevice
 from .._registry import PluginRecord
@@ -43,7 +43,7 @@ class Target:
     def build(self, name: str) -> EmulatedPciDevice:
         """A new device of this kind named ``name`` (a model builds a new behaviour object)."""
         if self.model is not None:
-            return _from_factory(self.model, name)
+            return create_from_model(self.model, name)
         return EmulatedPciDevice(self.spec.model_copy(update={"name": name}))
 
     def __str__(self) -> str:
@@ -89,7 +89,7 @@ def _model_target(name: str, models: dict[str, PluginRecord]) -> Target:
         why = "is not installed" if record is None else f"failed to load: {record.error}"
         raise TargetError(f"target device model {name!r} {why}")
     try:
-        device = _from_factory(record, name)
+        device = create_from_model(record, name)
     except DeviceSpecError as exc:
         raise TargetError(f"target device model {name!r}: {exc}") from exc
     try:
