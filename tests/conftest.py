@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from distributions import pip_install
 
 from vfio_mediate import DeviceSpec, EmulatedPciDevice
 
 TESTS = Path(__file__).parent
 
 
-def pip_install_target(projects: list[Path], target: Path) -> Path:
-    """Install ``projects`` as real distributions (wheels built by pip) into ``target``.
-
-    The tests then find them the way users' environments do: through ``importlib.metadata``
-    entry points on ``sys.path``, never by importing them by path.
-    """
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            "--target",
-            str(target),
-            *map(str, projects),
-        ],
-        check=True,
-    )
-    return target
-
-
 @pytest.fixture(scope="session")
 def core_test_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test mediators of tests/core/plugins installed into one directory (not on sys.path)."""
     projects = sorted(p for p in (TESTS / "core" / "plugins").iterdir() if p.is_dir())
-    return pip_install_target(projects, tmp_path_factory.mktemp("site"))
+    site = tmp_path_factory.mktemp("site")
+    pip_install(projects, site, tmp_path_factory.mktemp("sources"))
+    return site
 
 
 @pytest.fixture

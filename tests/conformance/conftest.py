@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from suite_runs import SuiteRun, digest, mediator_projects, pip_install, run_pytest
+from distributions import pip_install
+from suite_runs import SuiteRun, digest, mediator_projects, run_pytest
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 HERE = Path(__file__).parent
 SAMPLE = HERE / "sample"
@@ -39,35 +36,6 @@ def digest(projects: Iterable[Path]) -> str:
             if path.is_file() and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(HERE)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def pip_install(projects: Sequence[Path], target: Path, scratch: Path) -> None:
-    """``pip install --target`` the projects, built from copies (no build files in the tree)."""
-    copies = []
-    for project in projects:
-        copy = scratch / project.name
-        shutil.copytree(project, copy, ignore=shutil.ignore_patterns("__pycache__"))
-        copies.append(str(copy))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            *copies,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.fail(f"pip could not install the test mediators:\n{done.stdout}\n{done.stderr}")
 
 
 def environment(plugin_path: Path | None) -> dict[str, str]:

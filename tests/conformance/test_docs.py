@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from suite_runs import environment, pip_install
+from distributions import pip_install
+from suite_runs import environment
 
 DOC = Path(__file__).parents[2] / "CONTRIBUTING.md"
 FILE_BLOCK = re.compile(r"^`(?P<name>[\w.]+)`:\n\n```\w+\n(?P<body>.*?)^```$", re.M | re.S)
