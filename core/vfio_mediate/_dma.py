@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +56,9 @@ class DmaMapping:
             self.memory.release()
             self.memory = None
         if self._mmap is not None:
-            self._mmap.close()
+            # A device may still hold a view of the memory: then it is unmapped with the last.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
             self._mmap = None
 
 
@@ -105,6 +109,16 @@ class DmaSpace:
         """
         if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
             raise AccessError(errno.EINVAL, f"bad DMA mapping size {size:#x} or offset {offset:#x}")
+        try:
+            status = os.fstat(fd)
+        except OSError as exc:
+            raise AccessError(errno.EBADF, f"cannot map fd {fd} for DMA: {exc}") from exc
+        if stat.S_ISREG(status.st_mode) and status.st_size < offset + size:
+            # Touching a shared mapping past the end of its file raises SIGBUS in the process.
+            raise AccessError(
+                errno.EINVAL,
+                f"fd {fd} holds {status.st_size:#x} bytes, less than {offset:#x}+{size:#x}",
+            )
         prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
         try:
             mapped = mmap.mmap(

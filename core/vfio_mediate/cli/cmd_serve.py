@@ -1,0 +1,137 @@
+"""``vfio-mediate serve``: serve mediated devices to a VMM over vfio-user sockets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .._device import MediatedDevice
+from .._devices import create_device
+from .._pci import EmulatedPciDevice
+from .._registry import MediatorRegistry
+from ..server import DeviceEndpoint, VfioUserServer, check_socket_directory
+
+DEFAULT_DEVICE = "i40e-vf"
+SERVER_LOGGER = "vfio_mediate.server"
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve mediated devices to a VMM over vfio-user",
+        description=(
+            "Serve each device on a UNIX socket of its own (mode 0600) until Ctrl-C or SIGTERM, "
+            "and print the QEMU options that attach them. The n-th --socket goes with the n-th "
+            "--device; devices without one get a socket in $XDG_RUNTIME_DIR/vfio-mediate (or a "
+            "private directory in the temporary directory)."
+        ),
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        metavar="SPEC",
+        help=f"a device model name or a TOML spec file, repeatable (default: {DEFAULT_DEVICE})",
+    )
+    parser.add_argument(
+        "--socket",
+        "--socket-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="the socket of the device given at the same position, repeatable",
+    )
+    parser.add_argument(
+        "--allow-uid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="UID",
+        help="also accept clients of this user id (default: only this process's user)",
+    )
+    parser.set_defaults(func=run)
+
+
+def default_socket_directory() -> Path:
+    """``$XDG_RUNTIME_DIR/vfio-mediate``, else ``vfio-mediate-<uid>`` in the temporary
+    directory; created with mode 0700 and checked to be the user's own."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "vfio-mediate" if runtime else None
+    directory = base or Path(tempfile.gettempdir()) / f"vfio-mediate-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    check_socket_directory(directory)
+    return directory
+
+
+def qemu_options(endpoint: DeviceEndpoint) -> str:
+    """The ``-device`` option that attaches ``endpoint`` to QEMU."""
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(endpoint.path)}}
+    return f"-device '{json.dumps(device, separators=(',', ':'))}'"
+
+
+def _socket_paths(specs: list[str], sockets: list[str]) -> list[Path]:
+    if len(sockets) > len(specs):
+        raise SystemExit("vfio-mediate serve: more --socket than --device options")
+    paths = [Path(path) for path in sockets]
+    if len(paths) < len(specs):
+        directory = default_socket_directory()
+        taken = {path.name for path in paths}
+        for spec in specs[len(paths) :]:
+            stem = Path(spec).stem if spec.endswith(".toml") else spec
+            name, number = f"{stem}.sock", 1
+            while name in taken:
+                name, number = f"{stem}-{number}.sock", number + 1
+            taken.add(name)
+            paths.append(directory / name)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; exit status 0 after a clean shutdown."""
+    specs: list[str] = args.device or [DEFAULT_DEVICE]
+    paths = _socket_paths(specs, args.socket)
+    if args.verbose == 0:
+        # One line per session at the default verbosity: the server logs exactly that at INFO.
+        logging.getLogger(SERVER_LOGGER).setLevel(logging.INFO)
+    registry = MediatorRegistry.from_entry_points()
+    backends: list[EmulatedPciDevice] = []
+    try:
+        for number, spec in enumerate(specs):
+            name = None if specs.count(spec) == 1 else f"{Path(spec).stem}-{number}"
+            backends.append(create_device(spec, name=name))
+        devices = [MediatedDevice(backend, registry) for backend in backends]
+        uids = [os.getuid(), *args.allow_uid]
+        asyncio.run(_serve(devices, paths, uids))
+    finally:
+        for backend in backends:
+            backend.close()
+    return 0
+
+
+async def _serve(devices: list[MediatedDevice], paths: list[Path], uids: list[int]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with VfioUserServer(allow_uids=uids) as server:
+        endpoints = [
+            await server.add(device, path) for device, path in zip(devices, paths, strict=True)
+        ]
+        for endpoint in endpoints:
+            backend = endpoint.device.backend
+            identity = f"{backend.identity.vendor_id:04x}:{backend.identity.device_id:04x}"
+            print(f"serving {endpoint.name} ({identity}) on {endpoint.path}")
+        print("attach to QEMU with guest memory that the server can map (shared memfd):")
+        print("  -object memory-backend-memfd,id=mem0,size=<guest RAM>,share=on")
+        print("  -machine memory-backend=mem0")
+        for endpoint in endpoints:
+            print(f"  {qemu_options(endpoint)}")
+        print("Ctrl-C stops", flush=True)
+        await stop.wait()

@@ -1,0 +1,41 @@
+"""Serve mediated devices to a VMM over vfio-user (QEMU's ``-device vfio-user-pci``).
+
+``VfioUserServer`` serves each ``MediatedDevice`` on a UNIX socket of its own from an asyncio
+loop (``BackgroundServer`` runs one on a thread for blocking code); ``VfioUserClient`` speaks
+the protocol from Python. ``_codec`` holds the wire format, once.
+"""
+
+from ._client import Message, VfioUserClient
+from ._codec import (
+    HEADER,
+    Capabilities,
+    Command,
+    DmaLayout,
+    HeaderFlag,
+    ProtocolError,
+    pack_error,
+    pack_message,
+)
+from ._config import PeerCredentials, ServerConfig
+from ._server import BackgroundServer, DeviceEndpoint, VfioUserServer, check_socket_directory
+from ._session import Session
+
+__all__ = [
+    "HEADER",
+    "BackgroundServer",
+    "Capabilities",
+    "Command",
+    "DeviceEndpoint",
+    "DmaLayout",
+    "HeaderFlag",
+    "Message",
+    "PeerCredentials",
+    "ProtocolError",
+    "ServerConfig",
+    "Session",
+    "VfioUserClient",
+    "VfioUserServer",
+    "check_socket_directory",
+    "pack_error",
+    "pack_message",
+]

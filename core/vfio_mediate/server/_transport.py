@@ -1,0 +1,265 @@
+"""The socket side of a session: fds in ancillary data, and thread-safe non-blocking sends."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import final
+
+from ._codec import HEADER, HEADER_SIZE, ProtocolError
+
+__all__ = ["FD_SIZE", "EventfdTrigger", "Frame", "Framer", "Sender", "close_fds", "received_fds"]
+
+logger = logging.getLogger("vfio_mediate.server")
+
+FD_SIZE = array.array("i").itemsize
+_SCM = socket.SCM_RIGHTS
+_SOL = socket.SOL_SOCKET
+_SEND_QUEUE_LIMIT = 64 << 20
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close received fds (negative entries stand for fds the kernel already dropped)."""
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                logger.debug("closing received fd %d failed", fd)
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of ``recvmsg``'s ancillary data."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _SOL and kind == _SCM:
+            fds.extend(array.array("i", data[: len(data) - len(data) % FD_SIZE]))
+    return fds
+
+
+Frame = tuple[int, int, int, int, memoryview, list[int]]
+"""A received message: msg id, command, flags, error, payload and its fds."""
+
+
+@final
+class Framer:
+    """Cuts the received byte stream into messages and gives each the fds that came with it.
+
+    The kernel ends a read right after the data that carried fds, so the fds of one read belong
+    to the message holding its last byte. All state lives here, so that a nested read (a DMA
+    reply awaited in the middle of a command) goes on exactly where the outer one stopped.
+    A message's payload is a view of immutable bytes: it may be kept.
+    """
+
+    def __init__(self, max_message: int, max_fds: int) -> None:
+        self._max_message = max_message
+        self._max_pending_fds = 4 * (max_fds + 1)
+        self._data = b""
+        self._position = 0
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = HEADER_SIZE
+        self._received = 0
+        self._consumed = 0
+        self._fds: deque[tuple[int, list[int]]] = deque()
+        self._pending_fds = 0
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        """Add one read's bytes and fds; ``ProtocolError`` when fds pile up unclaimed."""
+        if fds:
+            self._fds.append((self._received + len(data) - 1, fds))
+            self._pending_fds += len(fds)
+            if self._pending_fds > self._max_pending_fds:
+                raise ProtocolError(f"{self._pending_fds} fds for no complete message")
+        self._received += len(data)
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+        elif self._position < len(self._data):
+            # A message is incomplete: collect the pieces and join them once, when it is whole.
+            left = self._data[self._position :]
+            self._parts, self._have = [left, data], len(left) + len(data)
+            self._data, self._position = b"", 0
+        else:
+            self._data, self._position = data, 0
+            return
+        if self._have >= self._need:
+            self._data, self._position = b"".join(self._parts), 0
+            self._parts, self._have = [], 0
+
+    def next(self) -> Frame | None:
+        """The next whole message, or ``None``; ``ProtocolError`` for a size that cannot be
+        (the stream cannot be trusted after it)."""
+        if self._parts:
+            return None
+        available = len(self._data) - self._position
+        if available < HEADER_SIZE:
+            self._need = HEADER_SIZE
+            return None
+        start = self._position
+        msg_id, command, size, flags, error = HEADER.unpack_from(self._data, start)
+        if size < HEADER_SIZE or size > self._max_message:
+            raise ProtocolError(f"message size {size} is outside [16, {self._max_message}]")
+        if available < size:
+            self._need = size
+            return None
+        self._position += size
+        self._consumed += size
+        fds: list[int] = []
+        while self._fds and self._fds[0][0] < self._consumed:
+            fds.extend(self._fds.popleft()[1])
+        if fds:
+            self._pending_fds -= len(fds)
+        payload = memoryview(self._data)[start + HEADER_SIZE : start + size]
+        return msg_id, command, flags, error, payload, fds
+
+    def close(self) -> None:
+        """Close the fds no message claimed."""
+        for _, fds in self._fds:
+            close_fds(fds)
+        self._fds.clear()
+
+
+@final
+class Sender:
+    """Thread-safe sends on a non-blocking socket; fds ride on a message's first byte.
+
+    What the socket does not take at once is queued (fds dup'ed until sent) and flushed by the
+    loop when the socket is writable; a peer that lets the queue grow past a limit is cut off.
+    """
+
+    def __init__(
+        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, on_error: Callable[[str], None]
+    ) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[bytes, list[int]]] = deque()
+        self._queued = 0
+        self._writing = False
+        self._broken = False
+
+    def send(
+        self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
+    ) -> None:
+        """Send one message (its parts in order) with ``fds``; never blocks."""
+        with self._lock:
+            if self._broken:
+                return
+            if not self._queue:
+                ancillary = [(_SOL, _SCM, array.array("i", fds))] if fds else []
+                try:
+                    sent = self._sock.sendmsg(buffers, ancillary)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._fail(f"send failed: {exc}")
+                    return
+                total = sum(len(part) for part in buffers)
+                if sent == total:
+                    return
+                rest = b"".join(buffers)[sent:]
+                owned = [os.dup(fd) for fd in fds] if sent == 0 else []
+            else:
+                rest = b"".join(buffers)
+                owned = [os.dup(fd) for fd in fds]
+            self._queue.append((rest, owned))
+            self._queued += len(rest)
+            if self._queued > _SEND_QUEUE_LIMIT:
+                self._fail(f"the client does not read its replies ({self._queued} bytes queued)")
+                return
+            if not self._writing:
+                self._writing = True
+                if threading.get_ident() == self._loop_thread:
+                    self._loop.add_writer(self._fd, self._flush)
+                else:
+                    self._loop.call_soon_threadsafe(self._arm)
+
+    def _arm(self) -> None:
+        with self._lock:
+            if self._writing and not self._broken:
+                self._loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            while self._queue:
+                data, owned = self._queue[0]
+                ancillary = [(_SOL, _SCM, array.array("i", owned))] if owned else []
+                try:
+                    sent = self._sock.sendmsg([data], ancillary)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    self._fail(f"send failed: {exc}")
+                    return
+                close_fds(owned)
+                self._queued -= sent
+                if sent < len(data):
+                    self._queue[0] = (data[sent:], [])
+                    return
+                self._queue.popleft()
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    @property
+    def queued(self) -> bool:
+        """Whether bytes wait for the socket to become writable."""
+        return bool(self._queue)
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the socket takes it (loop thread)."""
+        self._flush()
+
+    def _fail(self, reason: str) -> None:
+        self._drop()
+        self._loop.call_soon_threadsafe(self._on_error, reason)
+
+    def _drop(self) -> None:
+        self._broken = True
+        for _, owned in self._queue:
+            close_fds(owned)
+        self._queue.clear()
+        self._queued = 0
+
+    def close(self) -> None:
+        """Drop what is queued and stop writing (loop thread, before the socket closes)."""
+        with self._lock:
+            self._drop()
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+                self._writing = False
+
+
+@final
+class EventfdTrigger:
+    """An interrupt trigger that writes 1 to a client's eventfd; closing it makes later calls
+    no-ops, so a device thread holding the trigger never writes to a reused fd number."""
+
+    __slots__ = ("_fd", "_lock")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.eventfd_write(self._fd, 1)
+                except OSError as exc:
+                    logger.debug("irq eventfd %d write failed: %s", self._fd, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
