@@ -107,7 +107,7 @@ def test_a_peer_of_another_uid_is_refused(
     socket_dir: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with BackgroundServer(allow_uids=[os.getuid() + 1]) as strict:
+    with BackgroundServer(allow_uids=[os.geteuid() + 1]) as strict:
         endpoint = strict.add(make_test_device("svtest-uid"), socket_dir / "uid.sock")
         with (
             caplog.at_level(logging.WARNING, logger="vfio_mediate.server"),

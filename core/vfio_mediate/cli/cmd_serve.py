@@ -64,7 +64,7 @@ def default_socket_directory() -> Path:
     directory; created with mode 0700 and checked to be the user's own."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "vfio-mediate" if runtime else None
-    directory = base or Path(tempfile.gettempdir()) / f"vfio-mediate-{os.getuid()}"
+    directory = base or Path(tempfile.gettempdir()) / f"vfio-mediate-{os.geteuid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
     check_socket_directory(directory)
     return directory
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             name = None if specs.count(spec) == 1 else f"{Path(spec).stem}-{number}"
             backends.append(create_device(spec, name=name))
         devices = [MediatedDevice(backend, registry) for backend in backends]
-        uids = [os.getuid(), *args.allow_uid]
+        uids = [os.geteuid(), *args.allow_uid]
         asyncio.run(_serve(devices, paths, uids))
     finally:
         for backend in backends:

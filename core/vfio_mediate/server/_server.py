@@ -98,7 +98,8 @@ class DeviceEndpoint:
     """One served device: its socket, its current session, and what it handed out.
 
     ``mapped_areas`` maps a region index to every ``(offset, size)`` area whose fd any session
-    of this endpoint gave a client (what a client could ever map, as opposed to trap).
+    of this endpoint gave a client (what a client could ever map, as opposed to trap);
+    ``sessions_served`` counts the sessions started, ``refused`` the connections turned away.
     """
 
     def __init__(self, device: MediatedDevice, path: Path, listener: socket.socket) -> None:
@@ -134,7 +135,7 @@ class VfioUserServer:
     """Serves ``MediatedDevice``s over vfio-user, each on its own UNIX socket, from the running
     asyncio loop.
 
-    A connection gets a ``Session`` if its peer's uid is allowed (the server's own uid unless
+    A connection gets a ``Session`` if its peer's uid is allowed (the server's own euid unless
     ``allow_uids`` says otherwise) and the device has no client yet; anything else is closed
     and logged. Socket files are created with mode 0600 in a directory the user owns, and
     removed when the device stops being served.
@@ -148,7 +149,7 @@ class VfioUserServer:
     ) -> None:
         self.config = config if config is not None else ServerConfig()
         self.allow_uids = (
-            frozenset(allow_uids) if allow_uids is not None else frozenset({os.getuid()})
+            frozenset(allow_uids) if allow_uids is not None else frozenset({os.geteuid()})
         )
         self._endpoints: list[DeviceEndpoint] = []
 

@@ -90,7 +90,7 @@ class _Fatal(Exception):
         self.code = code
 
 
-Handler = Callable[[int, int, memoryview, list[int]], None]
+_Handler = Callable[[int, int, memoryview, list[int]], None]
 _Item = tuple[int, int, int, memoryview, list[int]]
 
 
@@ -153,7 +153,7 @@ class Session:
         self._discard = False
         self._features = DeviceFeatures(device, config, label, lambda: sorted(self._maps))
         self.closed: asyncio.Future[None] = self._loop.create_future()
-        self._handlers: dict[int, Handler] = {
+        self._handlers: dict[int, _Handler] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
             Command.DMA_UNMAP: self._dma_unmap,
