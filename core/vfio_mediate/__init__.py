@@ -20,6 +20,7 @@ from ._errors import (
     MigrationError,
     PluginError,
     PluginLoadError,
+    ProtocolError,
     RegistryError,
     VfioMediateError,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "PluginLoadError",
     "PluginRecord",
     "Priority",
+    "ProtocolError",
     "RegionMapping",
     "RegistryError",
     "RemoteMemory",

@@ -707,6 +707,11 @@ class MediatedDevice:
             self._call_strict("mediator_dma_logging_stop")
 
     @property
+    def dma_logging_supported(self) -> bool:
+        """Whether the winning mediator can log dirty pages (``mediator_dma_logging_start``)."""
+        return self._hooks.get("mediator_dma_logging_start") is not None
+
+    @property
     def dma_logging(self) -> bool:
         """Whether dirty logging runs."""
         return self._log is not None

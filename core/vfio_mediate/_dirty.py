@@ -88,17 +88,19 @@ class DirtyLog:
 
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """Read and clear the log for ``[iova, iova + length)``: a bitmap of 64-bit words,
-        bit ``n`` for the page at ``iova + n * page_size``."""
-        if page_size != self.page_size:
-            raise AccessError(
-                errno.EINVAL,
-                f"report page size {page_size} differs from the logging's {self.page_size}",
-            )
+        bit ``n`` for the page at ``iova + n * page_size``.
+
+        ``page_size`` may differ from the logging's: a report page is dirty when any logged page
+        in it is. A logged page that the range covers only in part is reported, not cleared.
+        """
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise AccessError(errno.EINVAL, f"report page size {page_size} is not a power of two")
         if length <= 0 or iova % page_size or iova < 0:
             raise AccessError(errno.EINVAL, f"bad report range {iova:#x}+{length:#x}")
         pages = -(-length // page_size)
-        out = DirtyBitmap(iova, length, page_size)
         end = iova + length
+        shift = self._shift
+        target = 0
         with self._lock:
             windows = [
                 (bitmap, max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length))
@@ -107,13 +109,30 @@ class DirtyLog:
             ]
             if sum(high - low for _, low, high in windows) < length:
                 raise AccessError(errno.EINVAL, f"range {iova:#x}+{length:#x} is not all logged")
-            target = 0
             for bitmap, low, high in windows:
-                first = (low - bitmap.iova) >> self._shift
-                mask = (1 << -(-(high - low) // page_size)) - 1
+                first = (low - bitmap.iova) >> shift
+                last = (high - 1 - bitmap.iova) >> shift
+                mask = (1 << (last - first + 1)) - 1
                 source = int.from_bytes(bitmap.bits, "little")
-                target |= ((source >> first) & mask) << ((low - iova) >> self._shift)
-                bitmap.bits[:] = (source & ~(mask << first)).to_bytes(len(bitmap.bits), "little")
-            out.bits[:] = target.to_bytes(len(out.bits), "little")
+                window = (source >> first) & mask
+                base = bitmap.iova + (first << shift)
+                clear = mask
+                if base < iova:
+                    clear &= ~1
+                if bitmap.iova + ((last + 1) << shift) > end:
+                    clear &= ~(1 << (last - first))
+                bitmap.bits[:] = (source & ~(clear << first)).to_bytes(len(bitmap.bits), "little")
+                if page_size == self.page_size:
+                    target |= window << ((base - iova) >> shift)
+                    continue
+                while window:  # other granularity: one step per dirty logged page
+                    lowest = window & -window
+                    window ^= lowest
+                    start = max(base + ((lowest.bit_length() - 1) << shift), iova)
+                    stop = min(start - start % self.page_size + self.page_size, end)
+                    first_page = (start - iova) // page_size
+                    last_page = (stop - 1 - iova) // page_size
+                    target |= ((1 << (last_page - first_page + 1)) - 1) << first_page
+        out = target.to_bytes(-(-pages // 8), "little")
         words = -(-pages // 64)
-        return bytes(out.bits) + bytes(words * 8 - len(out.bits))
+        return out + bytes(words * 8 - len(out))

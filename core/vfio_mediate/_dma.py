@@ -222,18 +222,23 @@ class DmaSpace:
 
     def read(self, iova: int, length: int) -> bytes:
         """Read ``length`` bytes at ``iova``."""
+        chunks: list[bytes | tuple[RemoteMemory, int, int]] = []
         with self._lock:
-            chunks = []
             for mapping, offset, piece in self._pieces(iova, length, write=False):
                 if mapping.memory is not None:
                     chunks.append(bytes(mapping.memory[offset : offset + piece]))
                 else:
                     assert mapping.remote is not None
-                    chunks.append(mapping.remote.read(offset, piece))
-            return b"".join(chunks)
+                    chunks.append((mapping.remote, offset, piece))
+        # A message round trip must not hold the lock: other threads' DMA to memory goes on.
+        return b"".join(
+            chunk if isinstance(chunk, bytes) else chunk[0].read(chunk[1], chunk[2])
+            for chunk in chunks
+        )
 
     def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``iova``."""
+        remote: list[tuple[RemoteMemory, int, bytes]] = []
         with self._lock:
             done = 0
             for mapping, offset, piece in self._pieces(iova, len(data), write=True):
@@ -241,9 +246,11 @@ class DmaSpace:
                     mapping.memory[offset : offset + piece] = data[done : done + piece]
                 else:
                     assert mapping.remote is not None
-                    mapping.remote.write(offset, bytes(data[done : done + piece]))
+                    remote.append((mapping.remote, offset, bytes(data[done : done + piece])))
                 done += piece
             watchers = self._watchers
+        for target, offset, chunk in remote:  # message round trips, outside the lock
+            target.write(offset, chunk)
         for watcher in watchers:
             watcher(iova, len(data))
 

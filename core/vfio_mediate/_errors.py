@@ -11,6 +11,7 @@
     │   └── MediatorInUseError      unregistering a mediator that an open device uses
     ├── DeviceSpecError             a device spec or model that cannot be built
     ├── DeviceStateError            an operation that the device's state does not allow
+    ├── ProtocolError (also ConnectionError)  a vfio-user peer broke the protocol
     └── AccessError (also OSError)  a refused device access; ``errno`` is what goes on the wire
         └── MigrationError          a refused or failed migration state change
 
@@ -32,6 +33,7 @@ __all__ = [
     "MigrationError",
     "PluginError",
     "PluginLoadError",
+    "ProtocolError",
     "RegistryError",
     "VfioMediateError",
 ]
@@ -79,6 +81,10 @@ class DeviceSpecError(VfioMediateError):
 
 class DeviceStateError(VfioMediateError):
     """The device is not in a state that allows this operation (e.g. not open)."""
+
+
+class ProtocolError(VfioMediateError, ConnectionError):
+    """A peer broke the vfio-user protocol (a malformed or unexpected message)."""
 
 
 class AccessError(VfioMediateError, OSError):

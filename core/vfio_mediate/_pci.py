@@ -365,7 +365,8 @@ class EmulatedPciDevice:
     # -- interrupts --------------------------------------------------------------------
 
     def irq_info(self, index: int) -> IrqInfo:
-        """INTx when the spec has a pin, MSI-X with the spec's vectors; no MSI, ERR or REQ."""
+        """INTx when the spec has a pin, MSI-X with the spec's vectors, one ERR and one REQ vector,
+        no MSI."""
         if index == IrqIndex.INTX:
             count = 1 if self.spec.interrupt_pin else 0
             return IrqInfo(
@@ -378,7 +379,11 @@ class EmulatedPciDevice:
             return IrqInfo(
                 index=index, count=count, flags=IrqInfoFlag.EVENTFD | IrqInfoFlag.NORESIZE
             )
-        if index in (IrqIndex.MSI, IrqIndex.ERR, IrqIndex.REQ):
+        if index in (IrqIndex.ERR, IrqIndex.REQ):
+            # One vector each, as vfio-pci offers a PCIe function: a VMM registers its error
+            # and device-request notifiers on them (QEMU warns when it cannot).
+            return IrqInfo(index=index, count=1, flags=IrqInfoFlag.EVENTFD)
+        if index == IrqIndex.MSI:
             return IrqInfo(index=index, count=0, flags=IrqInfoFlag.EVENTFD)
         raise AccessError(errno.EINVAL, f"no IRQ index {index}")
 

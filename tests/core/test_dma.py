@@ -83,8 +83,25 @@ def test_dirty_log_refuses_bad_requests() -> None:
     log = DirtyLog(4096, [(0, 0x2000)])
     with pytest.raises(AccessError, match="not all logged"):
         log.report(0, 0x3000, 4096)
-    with pytest.raises(AccessError, match="differs"):
-        log.report(0, 0x2000, 8192)
+    with pytest.raises(AccessError, match="not a power of two"):
+        log.report(0, 0x2000, 3000)
+
+
+def test_reports_at_other_page_sizes() -> None:
+    log = DirtyLog(4096, [(0, 0x10000)])
+    log.mark(0x3000, 1)
+    log.mark(0x8000, 0x1000)
+    # 16 KiB report pages: page 0 holds 0x3000, page 2 holds 0x8000
+    assert int.from_bytes(log.report(0, 0x10000, 0x4000), "little") == 0b101
+    assert int.from_bytes(log.report(0, 0x10000, 4096), "little") == 0
+    # 2 KiB report pages: one logged page is two report pages
+    log.mark(0x1000, 1)
+    assert int.from_bytes(log.report(0, 0x4000, 2048), "little") == 0b1100
+    # a range covering half a logged page reports it and keeps it for the other half
+    log.mark(0x2000, 1)
+    assert int.from_bytes(log.report(0x2000, 0x800, 2048), "little") == 1
+    assert int.from_bytes(log.report(0x2800, 0x800, 2048), "little") == 1
+    assert int.from_bytes(log.report(0, 0x10000, 4096), "little") == 1 << 2
 
 
 @settings(max_examples=200, deadline=None)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from enum import Enum, IntEnum, IntFlag
 from typing import Any, NamedTuple
 
-from .._errors import VfioMediateError
+from .._errors import ProtocolError
 from ..uapi import CapId, RegionFlag, RegionInfo, RegionType, SparseMmapArea
 
 __all__ = [
@@ -70,10 +70,6 @@ __all__ = [
     "pack_error",
     "pack_message",
 ]
-
-
-class ProtocolError(VfioMediateError, ConnectionError):
-    """A peer broke the vfio-user protocol (a malformed or unexpected message)."""
 
 
 class Command(IntEnum):

@@ -77,8 +77,7 @@ class DeviceFeatures:
                 return 0
             return _GET | _SET if feature == DeviceFeature.MIG_DEVICE_STATE else _GET
         if feature in _LOGGING_FEATURES:
-            record = device.mediator
-            if record is None or device.registry.hook(record, "mediator_dma_logging_start") is None:
+            if not device.dma_logging_supported:
                 return 0
             return _GET if feature == DeviceFeature.DMA_LOGGING_REPORT else _SET
         return 0
