@@ -8,7 +8,7 @@ implement and ``vfio_mediate.uapi`` the Linux VFIO numbers and types they share.
 from ._backend import DeviceBackend, DeviceIdentity, RegionMapping, Trigger
 from ._device import MediatedDevice, MediatorDevice, MigrationStream
 from ._devices import create_device, create_from_model, discover_device_models
-from ._dirty import DirtyBitmap, DirtyLog
+from ._dirty import DirtyBitmap, DirtyLog, bitmap_pages
 from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
 from ._errors import (
     AccessError,
@@ -99,6 +99,7 @@ __all__ = [
     "VfioMediateError",
     "Workload",
     "anonymous_memory",
+    "bitmap_pages",
     "create_device",
     "create_from_model",
     "discover_device_models",

@@ -133,7 +133,11 @@ class MediatedDevice:
     match), the last close releases it. In between, ``read``/``write``/``mmap`` of a region go
     through a handler resolved at open: the backend's own for regions the mediator does not
     mediate (no plugin call), one direct call of the mediator's ``mediator_rw`` for the others.
-    A device nobody claims is plain passthrough. Thread-safe.
+    A device nobody claims is plain passthrough.
+
+    Threads: open, close, region info, reset, migration and dirty logging are serialized by a
+    lock; region accesses take no lock (they are the hot path), so a caller must not let an
+    access run across the last ``close`` (the handle is released there).
     """
 
     def __init__(
@@ -249,6 +253,12 @@ class MediatedDevice:
     def _without_errno(self, exc: OSError) -> ContractViolation:
         return self._violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno")
 
+    def _rw_failure(self, exc: Exception) -> ContractViolation:
+        """What an exception other than an ``OSError`` with an errno from ``mediator_rw`` is."""
+        if isinstance(exc, OSError):
+            return self._without_errno(exc)
+        return self._violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}")
+
     def _violation(self, rule: Rule, message: str) -> ContractViolation:
         assert self._record is not None
         return ContractViolation(self._record.describe(), rule.value, message)
@@ -272,21 +282,9 @@ class MediatedDevice:
 
     def _ask_region_info(self, index: int) -> RegionInfo:
         own = self.backend.region_info(index)
-        hook = self._hooks.get("mediator_get_region_info")
-        if hook is None:
-            return own
-        try:
-            answer = hook(self._handle, own.to_plain())
-        except OSError as exc:
-            if not exc.errno:
-                raise self._violation(
-                    Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
-                ) from exc
-            raise
-        except Exception as exc:
-            raise self._violation(
-                Rule.REGION_INFO_VALID, f"mediator_get_region_info({index}) raised {exc!r}"
-            ) from exc
+        answer = self._call_strict(
+            "mediator_get_region_info", own.to_plain(), rule=Rule.REGION_INFO_VALID
+        )
         if answer is None:
             return own
         try:
@@ -326,13 +324,10 @@ class MediatedDevice:
             )
 
     def _ask_device_regions(self) -> list[RegionInfo]:
-        hook = self._hooks.get("mediator_device_regions")
-        if hook is None:
-            return []
+        answer = self._call_strict("mediator_device_regions", rule=Rule.DEVICE_REGIONS_VALID)
         try:
-            answer = hook(self._handle)
             infos = [RegionInfo.from_plain(item) for item in answer or ()]
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise self._violation(Rule.DEVICE_REGIONS_VALID, str(exc)) from exc
         seen: set[int] = set()
         for info in infos:
@@ -347,11 +342,11 @@ class MediatedDevice:
         own = {index for index in infos if index >= PCI_NUM_REGIONS}
         if self._hooks.get("mediator_rw") is None and self._hooks.get("mediator_mmap") is None:
             return own
-        hook = self._hooks.get("mediator_regions")
-        if hook is None:
+        if self._hooks.get("mediator_regions") is None:
             return set(infos)
+        answer = self._call_strict("mediator_regions", rule=Rule.HOOK_SIGNATURE)
         try:
-            chosen = {int(index) for index in hook(self._handle)}
+            chosen = {int(index) for index in answer}
         except (TypeError, ValueError) as exc:
             raise self._violation(
                 Rule.HOOK_SIGNATURE, f"mediator_regions must return region indexes: {exc}"
@@ -373,36 +368,30 @@ class MediatedDevice:
                 return refuse, refuse
             return functools.partial(backend_read, index), functools.partial(backend_write, index)
         handle = self._handle
-        violation, without_errno = self._violation, self._without_errno
+        violation, failure = self._violation, self._rw_failure
 
         def read(offset: int, count: int) -> bytes:
             try:
                 result = rw(handle, index, offset, count, None, False)
-            except OSError as exc:
-                if not exc.errno:
-                    raise without_errno(exc) from exc
-                raise
             except Exception as exc:
-                raise violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}") from exc
+                if isinstance(exc, OSError) and exc.errno:
+                    raise
+                raise failure(exc) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
                 return backend_read(index, offset, count)
-            if len(result) != count:
-                raise violation(
-                    Rule.RW_RESULT, f"read of {count} bytes returned {len(result)} bytes"
-                )
+            if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
+                raise violation(Rule.RW_RESULT, f"read of {count} bytes returned {result!r:.60}")
             return bytes(result)
 
         def write(offset: int, data: bytes) -> int:
             try:
                 result = rw(handle, index, offset, len(data), data, True)
-            except OSError as exc:
-                if not exc.errno:
-                    raise without_errno(exc) from exc
-                raise
             except Exception as exc:
-                raise violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}") from exc
+                if isinstance(exc, OSError) and exc.errno:
+                    raise
+                raise failure(exc) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
@@ -445,6 +434,9 @@ class MediatedDevice:
             if index >= PCI_NUM_REGIONS:
                 return known
             info = self._ask_region_info(index)
+            if info.flags != known.flags:  # the flags decide which accesses are refused
+                handlers = self._handlers(index, index in self._mediated)
+                self._table = {**self._table, index: (info.size, *self._allowed(info, *handlers))}
             self._infos[index] = info
             return info
 
@@ -502,20 +494,8 @@ class MediatedDevice:
                     errno.EINVAL,
                     f"{self.name}: region {index} {offset:#x}+{length:#x} is not mmap-able",
                 )
-            hook = self._hooks.get("mediator_mmap") if index in self._mediated else None
-            if hook is not None:
-                try:
-                    answer = hook(self._handle, index, offset, length)
-                except OSError as exc:
-                    if not exc.errno:
-                        raise self._violation(
-                            Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
-                        ) from exc
-                    raise
-                except Exception as exc:
-                    raise self._violation(
-                        Rule.ACCESS_ERRORS, f"mediator_mmap raised {exc!r}"
-                    ) from exc
+            if index in self._mediated:
+                answer = self._call_strict("mediator_mmap", index, offset, length)
                 if answer is not None:
                     if not (
                         isinstance(answer, tuple)
@@ -540,12 +520,10 @@ class MediatedDevice:
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        self.irq_info(index)
         self.backend.set_irq_triggers(index, start, triggers)
 
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index``."""
-        self.irq_info(index)
         self.backend.fire_irqs(index, start, count)
 
     def reset(self) -> None:
@@ -557,7 +535,9 @@ class MediatedDevice:
             self._state = MigrationState.RUNNING
             self._stream = None
 
-    def _call_strict(self, hook: str, *args: Any) -> Any:
+    def _call_strict(self, hook: str, *args: Any, rule: Rule = Rule.ACCESS_ERRORS) -> Any:
+        """Call the winner's ``hook`` (``None`` if it has none): an ``OSError`` with an errno
+        passes, anything else it raises becomes a ``ContractViolation`` of ``rule``."""
         function = self._hooks.get(hook)
         if function is None:
             return None
@@ -565,12 +545,10 @@ class MediatedDevice:
             return function(self._handle, *args)
         except OSError as exc:
             if not exc.errno:
-                raise self._violation(
-                    Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno"
-                ) from exc
+                raise self._without_errno(exc) from exc
             raise
         except Exception as exc:
-            raise self._violation(Rule.ACCESS_ERRORS, f"{hook} raised {exc!r}") from exc
+            raise self._violation(rule, f"{hook} raised {exc!r}") from exc
 
     @property
     def dma(self) -> DmaSpace | None:

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from typing import final
 
 from ._errors import AccessError
+from .uapi import PAGE_SIZE
 
-__all__ = ["DirtyBitmap", "DirtyLog"]
+__all__ = ["DirtyBitmap", "DirtyLog", "bitmap_pages"]
 
 
 @final
@@ -35,15 +36,17 @@ class DirtyBitmap:
         bits[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
         bits[last_byte] |= 0xFF >> (7 - (last & 7))
 
-    def page_numbers(self) -> list[int]:
-        """The set pages, as page numbers counted from ``iova``."""
-        value = int.from_bytes(self.bits, "little")
-        pages = []
-        while value:
-            low = value & -value
-            pages.append(low.bit_length() - 1)
-            value ^= low
-        return pages
+
+def bitmap_pages(bitmap: bytes) -> list[int]:
+    """The numbers of the set bits of a dirty bitmap (bit ``n``: byte ``n // 8``, bit
+    ``n % 8``), in order; work per set bit, not per page."""
+    value = int.from_bytes(bitmap, "little")
+    pages = []
+    while value:
+        lowest = value & -value
+        pages.append(lowest.bit_length() - 1)
+        value ^= lowest
+    return pages
 
 
 @final
@@ -54,8 +57,10 @@ class DirtyLog:
     """
 
     def __init__(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> None:
-        if page_size <= 0 or page_size & (page_size - 1) or page_size < 4096:
-            raise AccessError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
+        if page_size <= 0 or page_size & (page_size - 1) or page_size < PAGE_SIZE:
+            raise AccessError(
+                errno.EINVAL, f"page size {page_size} is not a power of two >= {PAGE_SIZE}"
+            )
         spans = sorted((int(iova), int(length)) for iova, length in ranges)
         if not spans:
             raise AccessError(errno.EINVAL, "dirty logging needs at least one IOVA range")

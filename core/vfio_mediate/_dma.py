@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -119,6 +120,7 @@ class DmaSpace:
                 errno.EINVAL,
                 f"fd {fd} holds {status.st_size:#x} bytes, less than {offset:#x}+{size:#x}",
             )
+        _forbid_shrinking(fd)
         prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
         try:
             mapped = mmap.mmap(
@@ -259,11 +261,34 @@ class DmaSpace:
         return int.from_bytes(self.read(iova, 8), "little")
 
 
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+def _forbid_shrinking(fd: int) -> None:
+    """Make sure a memfd cannot shrink under our mapping (a peer's ``ftruncate`` would turn our
+    next access into SIGBUS and kill every device of the process). Other files (a VMM's file
+    backend) cannot be sealed; for them only the size check at map time holds."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return  # not a memfd
+    if seals & fcntl.F_SEAL_SHRINK:
+        return
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        raise AccessError(
+            errno.EINVAL, f"memfd {fd} may shrink and cannot be sealed against it: {exc}"
+        ) from exc
+
+
 def anonymous_memory(size: int, name: str = "vfio-mediate") -> tuple[int, mmap.mmap]:
-    """Shareable memory: a memfd of ``size`` bytes and a shared mapping of it."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """Shareable memory: a memfd of ``size`` bytes, sealed against resizing (whoever gets the
+    fd can map it but never shrink it under us), and a shared mapping of it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS | fcntl.F_SEAL_SEAL)
         return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
     except BaseException:
         os.close(fd)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, final
 
 from ._device import MediatedDevice, MigrationStream
+from ._dirty import bitmap_pages
 from ._errors import MigrationError, PluginLoadError, RegistryError
 from ._registry import entry_points, load_entry_point
 from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex
@@ -47,7 +48,6 @@ __all__ = [
 WORKLOAD_GROUP = "vfio_mediate.workloads"
 """Entry points of guest workloads, named after the device model they drive."""
 
-_BITS = tuple(tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256))
 _CHUNK = 1 << 20
 
 
@@ -245,12 +245,7 @@ class LiveMigration:
 
     def _device_dirty(self) -> set[int]:
         bitmap = self.source.dma_logging_report(self.iova, len(self.source_memory), self.page_size)
-        pages: set[int] = set()
-        for at, byte in enumerate(bitmap):
-            if byte:
-                pages.update(at * 8 + bit for bit in _BITS[byte])
-        pages.difference_update(range(self.pages, len(bitmap) * 8))
-        return pages
+        return {page for page in bitmap_pages(bitmap) if page < self.pages}
 
     def _take_cpu_dirty(self) -> set[int]:
         pages: set[int] = set()

@@ -15,7 +15,7 @@ from typing import Any, final
 from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaSpace, anonymous_memory
 from ._errors import AccessError
-from ._spec import BarSpec, DeviceSpec
+from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
     PAGE_SIZE,
     PCI_EXP_CONFIG_SPACE_SIZE,
@@ -58,7 +58,16 @@ class Config:
     COMMAND_MEMORY = 1 << 1
     COMMAND_MASTER = 1 << 2
     COMMAND_INTX_DISABLE = 1 << 10
-    COMMAND_WRITABLE = 0x0547
+    COMMAND_PARITY = 1 << 6
+    COMMAND_SERR = 1 << 8
+    COMMAND_WRITABLE = (
+        COMMAND_IO
+        | COMMAND_MEMORY
+        | COMMAND_MASTER
+        | COMMAND_PARITY
+        | COMMAND_SERR
+        | COMMAND_INTX_DISABLE
+    )
     STATUS_CAP_LIST = 1 << 4
 
     BAR_IO = 0x1
@@ -73,10 +82,9 @@ class Config:
     MSIX_PBA = 8
     MSIX_ENABLE = 1 << 15
     MSIX_FUNCTION_MASK = 1 << 14
-    MSIX_ENTRY_SIZE = 16
+    MSIX_ENTRY_SIZE = MSIX_ENTRY_SIZE
     MSIX_ENTRY_CONTROL = 12
     MSIX_ENTRY_MASKED = 1 << 0
-    PCIE_CAP_SIZE = 0x3C
     PCIE_DEVCTL = 0x08
     PCIE_LNKCTL = 0x10
 
@@ -144,6 +152,9 @@ class EmulatedPciDevice:
                     max(bar.size, PAGE_SIZE), f"{spec.name}-bar{bar.index}"
                 )
                 self._bars[bar.index] = (bar, fd, mapped, memoryview(mapped))
+            self._irq_counts: dict[int, int] = {
+                int(index): self.irq_info(index).count for index in IrqIndex
+            }
             self._config = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
             self._wmask = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
             self._build_config()
@@ -302,6 +313,11 @@ class EmulatedPciDevice:
             if self._bar_read is not None:
                 value = self._bar_read(index, offset, count)
                 if value is not None:
+                    if len(value) != count:
+                        raise AccessError(
+                            errno.EIO,
+                            f"{self.name}: model read {len(value)} bytes for a {count}-byte read",
+                        )
                     return bytes(value)
             return bytes(entry[3][offset : offset + count])
 
@@ -387,9 +403,15 @@ class EmulatedPciDevice:
             return IrqInfo(index=index, count=0, flags=IrqInfoFlag.EVENTFD)
         raise AccessError(errno.EINVAL, f"no IRQ index {index}")
 
+    def _vectors(self, index: int) -> int:
+        count = self._irq_counts.get(index)
+        if count is None:
+            raise AccessError(errno.EINVAL, f"no IRQ index {index}")
+        return count
+
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set or unset the triggers of vectors ``start`` onward; raise pending ones."""
-        count = self.irq_info(index).count
+        count = self._vectors(index)
         if start + len(triggers) > count:
             raise AccessError(
                 errno.EINVAL, f"IRQ index {index} has {count} vectors, not {start + len(triggers)}"
@@ -406,7 +428,7 @@ class EmulatedPciDevice:
 
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` of ``index``."""
-        if start + count > self.irq_info(index).count:
+        if start < 0 or count < 0 or start + count > self._vectors(index):
             raise AccessError(errno.EINVAL, f"IRQ index {index} has no vector {start + count - 1}")
         for vector in range(start, start + count):
             if index == IrqIndex.MSIX:

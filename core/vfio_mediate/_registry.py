@@ -237,6 +237,14 @@ class MediatorRegistry:
         unknown = sorted(caller.name for caller in callers if caller.spec is None)
         if unknown:
             raise ValueError(f"{', '.join(unknown)} is not a hook of the vfio_mediate contract")
+        for caller in callers:
+            impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            # The core calls the one implementation directly: a wrapper's generator or a second
+            # implementation would never be run the pluggy way.
+            if len(impls) > 1:
+                raise ValueError(f"{caller.name} is implemented {len(impls)} times")
+            if impls[0].wrapper or impls[0].hookwrapper:
+                raise ValueError(f"{caller.name} is a hook wrapper; mediators implement hooks")
         opens = [i for i in self._pm.hook.mediator_open.get_hookimpls() if i.plugin is plugin]
         if not opens:
             raise ValueError("a mediator must implement mediator_open")
@@ -303,6 +311,9 @@ class MediatorRegistry:
         """
         for record in self.mediators:
             opener = self.hook(record, "mediator_open")
+            release = self.hook(record, "mediator_release")
+            if opener is None:
+                continue  # unregistered since the list was taken
             try:
                 handle = opener(device)
             except Exception:  # a plugin's failure must not stop the search
@@ -314,8 +325,17 @@ class MediatorRegistry:
                 continue
             if handle is not None:
                 with self._lock:
-                    record.users.add(owner)
-                return Claim(record, handle)
+                    if self._records.get(record.name) is record:
+                        record.users.add(owner)
+                        return Claim(record, handle)
+                # Unregistered while it was deciding: give the handle back, ask the next one.
+                if release is not None:
+                    try:
+                        release(handle)
+                    except Exception:
+                        logger.exception(
+                            "mediator %s raised in mediator_release", record.describe()
+                        )
         return None
 
     def release_use(self, record: PluginRecord, owner: Any) -> None:

@@ -13,6 +13,8 @@ from ._errors import DeviceSpecError
 __all__ = ["BarSpec", "DeviceSpec", "MsixSpec", "load_spec"]
 
 _U16 = Field(ge=0, le=0xFFFF)
+MSIX_ENTRY_SIZE = 16
+"""Bytes of one MSI-X table entry: address low, address high, data, vector control."""
 
 
 class BarSpec(BaseModel):
@@ -60,7 +62,7 @@ class MsixSpec(BaseModel):
     @property
     def table_size(self) -> int:
         """Bytes of the vector table (16 per vector)."""
-        return 16 * self.vectors
+        return MSIX_ENTRY_SIZE * self.vectors
 
     @property
     def pba_size(self) -> int:

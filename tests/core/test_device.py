@@ -239,7 +239,7 @@ def test_wrong_rw_results_are_contract_violations(virtio_device: EmulatedPciDevi
         return 3 if is_write else b"\x00"
 
     with register(virtio_device, mediator_rw=mediator_rw) as device:
-        with pytest.raises(ContractViolation, match="returned 1 bytes") as error:
+        with pytest.raises(ContractViolation, match=r"read of 4 bytes returned b'\\x00'") as error:
             device.read(0, 0, 4)
         assert error.value.rule == "rw-result"
         with pytest.raises(ContractViolation, match="returned 3"):
@@ -419,3 +419,54 @@ def test_a_mediator_cannot_claim_msix_mappable(virtio_device: EmulatedPciDevice)
 
     with pytest.raises(ContractViolation, match="MSIX_MAPPABLE"):
         register(virtio_device, mediator_get_region_info=mediator_get_region_info).open()
+
+
+@pytest.mark.parametrize(
+    ("hooks", "rule"),
+    [
+        (
+            {"mediator_regions": lambda handle: (_ for _ in ()).throw(RuntimeError("x"))},
+            "hook-signature",
+        ),
+        ({"mediator_device_regions": lambda handle: 5}, "device-regions-valid"),
+    ],
+)
+def test_broken_open_time_hooks_name_the_rule(
+    virtio_device: EmulatedPciDevice, hooks: dict[str, Any], rule: str
+) -> None:
+    def mediator_rw(handle: Any, index: int, offset: int, count: int, data: Any, is_write: bool):
+        return None
+
+    device = register(virtio_device, mediator_rw=mediator_rw, **hooks)
+    with pytest.raises(ContractViolation) as error:
+        device.open()
+    assert error.value.rule == rule and "'bad'" in str(error.value)
+
+
+def test_a_read_returning_a_number_is_a_contract_violation(
+    virtio_device: EmulatedPciDevice,
+) -> None:
+    def mediator_rw(handle: Any, index: int, offset: int, count: int, data: Any, is_write: bool):
+        return 4
+
+    with register(virtio_device, mediator_rw=mediator_rw) as device:
+        with pytest.raises(ContractViolation) as error:
+            device.read(0, 0, 4)
+        assert error.value.rule == "rw-result"
+
+
+def test_flags_changed_after_open_take_effect(virtio_device: EmulatedPciDevice) -> None:
+    read_only = [False]
+
+    def mediator_get_region_info(handle: Any, info: dict[str, Any]) -> Any:
+        if info["index"] == 0 and read_only[0]:
+            return {**info, "flags": int(RegionFlag.READ)}
+        return None
+
+    with register(virtio_device, mediator_get_region_info=mediator_get_region_info) as device:
+        device.write(0, 0, b"\x01")
+        read_only[0] = True
+        device.region_info(0)
+        with pytest.raises(AccessError, match="does not allow write"):
+            device.write(0, 0, b"\x02")
+        assert device.read(0, 0, 1) == b"\x01"

@@ -133,3 +133,34 @@ def test_dirty_log_matches_a_page_set_model(
     assert {bit for bit in range(0x40) if rest >> bit & 1} == {
         p for p in model if p < 0x40 and not first <= p < first + count
     }
+
+
+def test_memory_handed_out_cannot_shrink() -> None:
+    fd, memory = anonymous_memory(0x2000)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # a peer holding the fd cannot pull the pages from under us
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0x4000)
+    finally:
+        memory.close()
+        os.close(fd)
+
+
+def test_a_mapped_memfd_is_sealed_or_refused() -> None:
+    space = DmaSpace()
+    sealable = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
+    unsealable = os.memfd_create("guest")
+    try:
+        for fd in (sealable, unsealable):
+            os.ftruncate(fd, 0x1000)
+        space.map_fd(0, 0x1000, sealable)
+        with pytest.raises(PermissionError):
+            os.ftruncate(sealable, 0)  # the DMA space sealed it when it mapped it
+        with pytest.raises(AccessError, match="may shrink") as error:
+            space.map_fd(0x1000, 0x1000, unsealable)
+        assert error.value.errno == errno.EINVAL
+    finally:
+        space.unmap_all()
+        os.close(sealable)
+        os.close(unsealable)

@@ -15,6 +15,7 @@ import pytest
 from vfio_mediate import (
     AccessError,
     Config,
+    DeviceSpec,
     DeviceSpecError,
     EmulatedPciDevice,
     load_spec,
@@ -206,3 +207,17 @@ def test_bad_specs_are_refused_with_the_reason(tmp_path: Path, body: str, messag
     with pytest.raises(DeviceSpecError, match=message) as error:
         load_spec(path)
     assert str(path) in str(error.value)
+
+
+def test_a_model_read_of_the_wrong_length_is_an_error(virtio_spec: DeviceSpec) -> None:
+    class Sloppy:
+        def bar_read(self, bar: int, offset: int, count: int) -> bytes:
+            return bytes(8)
+
+    device = EmulatedPciDevice(virtio_spec, Sloppy())
+    try:
+        with pytest.raises(AccessError, match="8 bytes for a 4-byte read") as error:
+            device.read(0, 0, 4)
+        assert error.value.errno == errno.EIO
+    finally:
+        device.close()

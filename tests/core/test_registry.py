@@ -163,3 +163,49 @@ def test_a_mediator_in_use_cannot_be_unregistered(virtio_device: EmulatedPciDevi
     registry.unregister("vendor")
     with pytest.raises(RegistryError, match="no mediator named"):
         registry.unregister("vendor")
+
+
+def test_hook_wrappers_and_double_implementations_are_refused() -> None:
+    registry = MediatorRegistry()
+
+    @hookimpl(wrapper=True)
+    def mediator_open(device: Any) -> Any:
+        return (yield)
+
+    with pytest.raises(PluginLoadError, match="mediator_open is a hook wrapper"):
+        registry.register(types.SimpleNamespace(mediator_open=mediator_open), "wrapper")
+
+    @hookimpl(specname="mediator_open")
+    def another_open(device: Any) -> object:
+        return object()
+
+    twice = types.SimpleNamespace(
+        mediator_open=make_mediator("x").mediator_open, other=another_open
+    )
+    with pytest.raises(PluginLoadError, match="implemented 2 times"):
+        registry.register(twice, "twice")
+    assert registry.mediators == ()
+
+
+def test_a_mediator_unregistered_while_it_opens_does_not_win(
+    virtio_device: EmulatedPciDevice,
+) -> None:
+    registry = MediatorRegistry()
+    released: list[object] = []
+    handle = object()
+
+    @hookimpl(tryfirst=True)
+    def mediator_open(device: Any) -> object:
+        registry.unregister("leaving")  # as another thread would, between ask and claim
+        return handle
+
+    @hookimpl
+    def mediator_release(handle: Any) -> None:
+        released.append(handle)
+
+    leaving = types.SimpleNamespace(mediator_open=mediator_open, mediator_release=mediator_release)
+    registry.register(leaving, "leaving")
+    registry.register(make_mediator("staying"), "staying")
+    with MediatedDevice(virtio_device, registry) as device:
+        assert device.mediator is not None and device.mediator.name == "staying"
+    assert released == [handle]

@@ -8,7 +8,7 @@ from i40e_mediator import registers as r
 from i40e_mediator.guest import Guest
 from i40e_mediator.model import I40eVf
 
-from vfio_mediate import EmulatedPciDevice, MediatedDevice
+from vfio_mediate import EmulatedPciDevice, MediatedDevice, bitmap_pages
 from vfio_mediate.uapi import PAGE_SIZE, IrqIndex
 
 GUEST_IOVA = 0x4000_0000
@@ -80,13 +80,7 @@ class WriteRecorder:
         return pages
 
 
-def bitmap_pages(bitmap: bytes, iova: int) -> set[int]:
-    """IOVA page numbers of the set bits of a dirty bitmap of the range starting at ``iova``."""
-    value = int.from_bytes(bitmap, "little")
-    first = iova // PAGE_SIZE
-    return {first + bit for bit in range(value.bit_length()) if value >> bit & 1}
-
-
 def report(vf: Vf, iova: int = GUEST_IOVA, length: int = MEMORY_SIZE) -> set[int]:
     """Read and clear ``vf``'s dirty bitmap: the IOVA page numbers reported."""
-    return bitmap_pages(vf.device.dma_logging_report(iova, length, PAGE_SIZE), iova)
+    bitmap = vf.device.dma_logging_report(iova, length, PAGE_SIZE)
+    return {iova // PAGE_SIZE + page for page in bitmap_pages(bitmap)}
