@@ -1,8 +1,9 @@
 """Helpers of the conformance suite's own tests: the test mediators and runs of the suite.
 
-The test mediators (``sample/`` and each ``broken/<name>/``) are real distributions: pip builds
-and installs them into one directory, which runs of the suite get on ``PYTHONPATH``, so the suite
-finds them through their entry points exactly as it finds a vendor's. The install is cached in
+The test mediators (``sample/``, each ``broken/<name>/`` and each ``variants/<name>/``, a
+mediator changed in a way that keeps every rule) are real distributions: pip builds and installs
+them into one directory, which runs of the suite get on ``PYTHONPATH``, so the suite finds them
+through their entry points exactly as it finds a vendor's. The install is cached in
 pytest's cache directory by a hash of the sources. The suite always runs in a fresh pytest
 process in an empty directory, as a vendor runs it in their own project.
 """
@@ -21,11 +22,20 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SAMPLE = HERE / "sample"
 BROKEN = HERE / "broken"
+VARIANTS = HERE / "variants"
 
 
 def mediator_projects() -> list[Path]:
     """Every test mediator's project directory."""
-    return [SAMPLE, *sorted(path for path in BROKEN.iterdir() if path.is_dir())]
+    return [
+        SAMPLE,
+        *(
+            path
+            for folder in (BROKEN, VARIANTS)
+            for path in sorted(folder.iterdir())
+            if path.is_dir()
+        ),
+    ]
 
 
 def digest(projects: Iterable[Path]) -> str:
@@ -54,6 +64,12 @@ class Outcome:
 
     kind: str
     message: str = ""
+    properties: tuple[tuple[str, str], ...] = ()
+    """The test's user properties (``name``, ``value``), as the JUnit XML holds them."""
+
+    def property(self, name: str) -> list[str]:
+        """The values of the properties named ``name``."""
+        return [value for key, value in self.properties if key == name]
 
 
 @dataclass(frozen=True)
@@ -79,12 +95,16 @@ def _outcomes(junit: Path) -> dict[tuple[str, str], Outcome]:
         owner = case.get("classname", "")
         if owner.startswith("conformance["):
             owner = owner[len("conformance[") : owner.rindex("]")]
-        outcome = Outcome("passed")
+        properties = tuple(
+            (str(found.get("name")), str(found.get("value")))
+            for found in case.iterfind("properties/property")
+        )
+        outcome = Outcome("passed", properties=properties)
         for kind in ("failure", "error", "skipped"):
             found = case.find(kind)
             if found is not None:
                 text = found.get("message") or found.text or ""
-                outcome = Outcome("failed" if kind == "failure" else kind, text)
+                outcome = Outcome("failed" if kind == "failure" else kind, text, properties)
                 break
         outcomes[(owner, str(case.get("name")))] = outcome
     return outcomes

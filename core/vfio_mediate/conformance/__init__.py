@@ -13,6 +13,9 @@ the mediator's ``mediator_targets`` names (and look-alikes it must decline), dri
 through the real core, and fails each broken rule with a message that starts with its id
 (``[rw-result] ...``). Capabilities (migration v2, dirty logging, device-specific regions) are
 learnt from the hooks (see ``Capabilities``); their tests skip, with the reason, when absent.
+Dirty logging is checked against the writes the device really made, under the suite's accesses
+and, for a target device model that ships a guest workload (``vfio_mediate.workloads``), under
+that workload's traffic; the terminal summary shows the over-report ratio measured.
 Without ``--mediator`` the plugin does nothing.
 """
 
@@ -24,6 +27,7 @@ from ._plugin import (
     pytest_configure,
     pytest_ignore_collect,
     pytest_report_header,
+    pytest_terminal_summary,
 )
 from ._targets import Target
 
@@ -40,4 +44,5 @@ __all__ = [
     "pytest_configure",
     "pytest_ignore_collect",
     "pytest_report_header",
+    "pytest_terminal_summary",
 ]

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 
 __all__ = [
+    "DIRTY_LOGGING_PROPERTY",
     "MEDIATOR_NAME",
     "ConformanceModule",
     "pytest_addoption",
@@ -22,11 +23,16 @@ __all__ = [
     "pytest_configure",
     "pytest_ignore_collect",
     "pytest_report_header",
+    "pytest_terminal_summary",
 ]
 
 SUITE = "vfio_mediate.conformance._suite"
 MEDIATOR_NAME = pytest.StashKey[str]()
 """Stashed on each suite module node: the entry-point name of the mediator it checks."""
+DIRTY_LOGGING_PROPERTY = "dirty-logging"
+"""The user property (``TestReport.user_properties``, a JUnit XML property) in which the
+dirty-logging check records, per target, what it measured under traffic: pages written and
+reported and the over-report ratio. The terminal summary shows each."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,6 +90,23 @@ def pytest_report_header(config: pytest.Config) -> str | None:
         dists = {f"{ep.dist.name} {ep.dist.version}" for ep in installed[name] if ep.dist}
         described.append(f"{name} ({', '.join(sorted(dists)) or 'no distribution'})")
     return f"vfio-mediate conformance: {'; '.join(described)}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show what the suite measured (``DIRTY_LOGGING_PROPERTY``), whatever the verdicts."""
+    measured = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if isinstance(report, pytest.TestReport) and report.when == "call"
+        for name, value in report.user_properties
+        if name == DIRTY_LOGGING_PROPERTY
+    ]
+    if not measured:
+        return
+    terminalreporter.section("vfio-mediate conformance: dirty logging under traffic")
+    for nodeid, value in measured:
+        terminalreporter.write_line(f"{nodeid}: {value}")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

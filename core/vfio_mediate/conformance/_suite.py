@@ -21,8 +21,9 @@ from ._capabilities import Capabilities
 from ._imports import ImportReport, core_imports_by, import_fresh
 from ._machine import check_migration
 from ._mediator import MediatorUnderTest
-from ._plugin import MEDIATOR_NAME
+from ._plugin import DIRTY_LOGGING_PROPERTY, MEDIATOR_NAME
 from ._targets import Target, TargetError, decoys_for, targets_from
+from ._traffic import logged_traffic, workload_for
 from ._verdict import RuleFailure, checks, describe, fail, tagged
 from ._workload import (
     GUEST_IOVA,
@@ -481,10 +482,12 @@ class TestDirtyLogging:
 
     @checks(Rule.DIRTY_LOGGING)
     def test_dirty_logging_reports_device_writes(
-        self, capabilities: Capabilities, bench: Bench
+        self, capabilities: Capabilities, bench: Bench, request: pytest.FixtureRequest
     ) -> None:
         """Every page the device writes by DMA while logging is reported (checked against the
-        DMA space's own record of writes, for the DMA the suite's accesses make the device do)."""
+        DMA space's own record of writes): for the DMA the suite's accesses make the device do
+        and, when the target's device model ships a guest workload, under its traffic, in
+        reports between slices of it and across a stop and a new start of logging."""
         written_any = False
         for number, profile in enumerate(capabilities.logging()):
             with bench.opened(profile.target, "dirty") as device:
@@ -497,9 +500,28 @@ class TestDirtyLogging:
                     "by DMA while logging, and they were not reported",
                 )
             written_any = written_any or bool(written)
+            workload = workload_for(profile.target)
+            if workload is None:
+                continue
+            with bench.opened(profile.target, "traffic") as device:
+                traffic = logged_traffic(device, workload, seed=number)
+            request.node.user_properties.append(
+                (DIRTY_LOGGING_PROPERTY, f"{profile.target}: {traffic.summary()}")
+            )
+            if traffic.missed:
+                fail(
+                    Rule.DIRTY_LOGGING,
+                    f"{profile.target}: under its guest workload's traffic the device wrote "
+                    f"{len(traffic.missed)} page(s) of guest memory by DMA while logging that "
+                    f"no later report of the same logging session had: {traffic.name_missed()}"
+                    f" ({traffic.summary()})",
+                )
+            written_any = written_any or bool(traffic.written)
         if not written_any:
             pytest.skip(
                 "the suite's register accesses made none of the targets write guest memory by "
-                "DMA, so there is nothing to compare the log with; drive the device with its "
-                "own traffic in the vendor's tests"
+                "DMA, so there is nothing to compare the log with, and no target's device model "
+                "ships a guest workload whose traffic did (an entry point of "
+                "vfio_mediate.workloads named after the model); drive the device with its own "
+                "traffic in the vendor's tests"
             )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._device import MediatedDevice
+from .._dirty import bitmap_pages
 from .._dma import anonymous_memory
 from .._errors import MigrationError
 from .._rules import Rule
@@ -34,6 +35,7 @@ __all__ = [
     "drain",
     "fill",
     "guest_memory",
+    "guest_pages",
     "logged_writes",
     "mmap_workload",
     "observe",
@@ -263,27 +265,32 @@ def load_state(device: MediatedDevice, stream: bytes) -> None:
 
 
 @contextlib.contextmanager
-def guest_memory(device: MediatedDevice) -> Iterator[memoryview]:
-    """``GUEST_SIZE`` bytes of shared memory mapped at ``GUEST_IOVA`` in the device's DMA space
-    for the ``with`` block."""
+def guest_memory(device: MediatedDevice, size: int = GUEST_SIZE) -> Iterator[memoryview]:
+    """``size`` bytes of shared memory (a memfd) mapped at ``GUEST_IOVA`` in the device's DMA
+    space for the ``with`` block."""
     space = device.dma
     if space is None:
         raise OSError(errno.ENODEV, f"{device.name} has no DMA space")
-    fd, memory = anonymous_memory(GUEST_SIZE, "conformance-guest")
+    fd, memory = anonymous_memory(size, "conformance-guest")
     try:
         space.map_memory(GUEST_IOVA, memory)
         try:
             yield memoryview(memory)
         finally:
-            space.unmap(GUEST_IOVA, GUEST_SIZE)
+            space.unmap(GUEST_IOVA, size)
     finally:
-        memory.close()
         os.close(fd)
+        # A view of the memory may outlive the block (a guest workload keeps one, and the
+        # device's interrupt triggers keep the guest): the mapping then goes with the last view.
+        with contextlib.suppress(BufferError):
+            memory.close()
 
 
-def _pages(iova: int, length: int) -> set[int]:
-    first, end = max(iova, GUEST_IOVA), min(iova + length, GUEST_IOVA + GUEST_SIZE)
-    return set(range((first - GUEST_IOVA) // PAGE_SIZE, -(-(end - GUEST_IOVA) // PAGE_SIZE)))
+def guest_pages(iova: int, length: int, size: int = GUEST_SIZE) -> range:
+    """The pages of guest memory (``size`` bytes at ``GUEST_IOVA``, counted from it) that a DMA
+    write of ``[iova, iova + length)`` touches."""
+    first, end = max(iova, GUEST_IOVA), min(iova + length, GUEST_IOVA + size)
+    return range((first - GUEST_IOVA) // PAGE_SIZE, -(-(end - GUEST_IOVA) // PAGE_SIZE))
 
 
 def logged_writes(
@@ -299,7 +306,7 @@ def logged_writes(
     space = device.dma
     assert space is not None
     with guest_memory(device):
-        unwatch = space.watch(lambda iova, length: written.update(_pages(iova, length)))
+        unwatch = space.watch(lambda iova, length: written.update(guest_pages(iova, length)))
         try:
             device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
             try:
@@ -310,9 +317,7 @@ def logged_writes(
                 device.dma_logging_stop()
         finally:
             unwatch()
-    value = int.from_bytes(bitmap, "little")
-    reported = {page for page in range(GUEST_SIZE // PAGE_SIZE) if value >> page & 1}
-    return written, reported, refusals
+    return written, set(bitmap_pages(bitmap)), refusals
 
 
 def workout(device: MediatedDevice, target: Target, seed: int) -> list[Refusal]:
