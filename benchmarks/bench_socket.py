@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,12 +70,38 @@ def best(call: Callable[[], object], number: int) -> float:
     return min(results)
 
 
-def wait_for(path: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server at {path} did not start")
-        time.sleep(0.02)
+STARTUP_TIMEOUT = 30.0
+
+
+def wait_for_serve(process: subprocess.Popen[str]) -> None:
+    """Read ``vfio-mediate serve``'s output up to "Ctrl-C stops", printed once it listens."""
+    assert process.stdout is not None
+    watchdog = threading.Timer(STARTUP_TIMEOUT, process.kill)
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            if line.startswith("Ctrl-C stops"):
+                return
+    finally:
+        watchdog.cancel()
+    raise SystemExit(f"vfio-mediate serve did not start (exit status {process.wait()})")
+
+
+def connect_when_listening(path: Path, process: subprocess.Popen[bytes]) -> socket.socket:
+    """Connect to an echo server, retrying until it listens: it binds (the file appears)
+    before it listens."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        pinger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pinger.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            pinger.close()
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the echo server at {path} did not start") from None
+            time.sleep(0.02)
+        else:
+            return pinger
 
 
 def main() -> None:
@@ -87,7 +114,7 @@ def main() -> None:
         echo = Path(directory) / "echo.sock"
         aecho = Path(directory) / "aecho.sock"
         server = subprocess.Popen(
-            [command, "serve", "--socket", str(vf)], stdout=subprocess.DEVNULL
+            [command, "serve", "--socket", str(vf)], stdout=subprocess.PIPE, text=True
         )
         # a REGION_READ of 4 bytes: 16 + 16 byte request, 16 + 16 + 4 byte reply
         floor = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo), "32", "36"])
@@ -95,14 +122,8 @@ def main() -> None:
             [sys.executable, "-c", ASYNCIO_ECHO_SERVER, str(aecho), "32", "36"]
         )
         try:
-            wait_for(vf, server)
-            wait_for(echo, floor)
-            wait_for(aecho, afloor)
-            pingers = []
-            for path in (echo, aecho):
-                pinger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                pinger.connect(str(path))
-                pingers.append(pinger)
+            wait_for_serve(server)
+            pingers = [connect_when_listening(echo, floor), connect_when_listening(aecho, afloor)]
             request = b"q" * 32
 
             def ping(pinger: socket.socket) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -82,20 +83,29 @@ def test_the_served_command_line_attaches(
         [COMMAND, "serve", "--device", "i40e-vf", "--socket", str(socket_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
+    printed = b""
     try:
+        assert server.stdout is not None
+        fd = server.stdout.fileno()
         deadline = time.monotonic() + 30
-        while not socket_path.exists():
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline, "the server never listened"
-            time.sleep(0.05)
+        while b"Ctrl-C stops" not in printed:  # printed once every socket listens
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], f"no server: {printed!r}"
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the server exited: {printed!r}"
+            printed += chunk
         vm = start_vm("-device", device_option(f"/run/vfio-mediate/{socket_path.name}"))
         entry = wait_for_bars(vm)
         assert {bar["bar"] for bar in entry["regions"]} == {0, 3}
     finally:
         server.send_signal(signal.SIGINT)
-        out, err = server.communicate(timeout=30)
+        try:
+            out, err = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
+            raise
     assert server.returncode == 0, err
     assert not socket_path.exists()
-    assert "vfio-user-pci" in out
+    assert b"vfio-user-pci" in printed + out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ TEST_DEVICE_PREFIX = "svtest"
 REG_SRC, REG_DST, REG_LEN, REG_DOORBELL, REG_DONE = 0x00, 0x08, 0x10, 0x18, 0x1C
 REG_BOOM = 0x20
 """A write here makes the test mediator raise (a plugin bug)."""
+REG_STALL = 0x28
+"""A write here makes the test mediator wait until its ``release`` is set (a slow device)."""
 CMD_COPY, CMD_FILL = 1, 2
 TRAPPED_BY_MEDIATOR = 1
 """BAR0 page that the device lets clients map but the test mediator traps."""
@@ -99,6 +102,8 @@ class TrapMediator:
 
     def __init__(self) -> None:
         self.handles: list[TrapHandle] = []
+        self.stalled = threading.Event()
+        self.release = threading.Event()
 
     @hookimpl
     def mediator_open(self, device: Any) -> TrapHandle | None:
@@ -139,6 +144,9 @@ class TrapMediator:
             assert data is not None
             if offset == REG_BOOM:
                 raise RuntimeError("the test mediator has a bug")
+            if offset == REG_STALL:
+                self.stalled.set()
+                self.release.wait(10)
             handle.writes.append((offset, data))
             handle.counter += 1
         else:

@@ -11,9 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
+from vfio_mediate import AccessError
 from vfio_mediate.server import VfioUserClient
 
 STARTUP_TIMEOUT = 30.0
+NO_SUCH_REGION = 42
 
 
 def serve_command(*arguments: str) -> list[str]:
@@ -68,12 +72,42 @@ def test_serve_a_device_until_ctrl_c(socket_dir: Path) -> None:
         assert "share=on" in output
         with VfioUserClient.connect(path) as client:
             assert struct.unpack("<HH", client.read(7, 0, 4)) == (0x8086, 0x154C)
+            with pytest.raises(AccessError):
+                client.read(NO_SUCH_REGION, 0, 4)
     finally:
         status, stderr = stop(process, signal.SIGINT)
     assert status == 0, stderr
     assert not path.exists()
     sessions = [line for line in stderr.splitlines() if "session of pid" in line]
     assert len(sessions) == 1, stderr
+    assert "refused" not in stderr, "without -v a refused request is not logged"
+
+
+def test_verbose_serve_logs_each_refused_request(socket_dir: Path) -> None:
+    path = socket_dir / "vf.sock"
+    process, _ = start(["-v", "serve", "--socket", str(path)])
+    try:
+        with VfioUserClient.connect(path) as client, pytest.raises(AccessError):
+            client.read(NO_SUCH_REGION, 0, 4)
+    finally:
+        status, stderr = stop(process, signal.SIGTERM)
+    assert status == 0, stderr
+    refusals = [line for line in stderr.splitlines() if "refused" in line]
+    assert len(refusals) == 1 and "i40e-vf#1: REGION_READ refused with EINVAL" in refusals[0]
+
+
+def test_a_device_given_twice_is_numbered_alike_in_name_and_socket(socket_dir: Path) -> None:
+    arguments = ["serve", "--device", "i40e-vf", "--device", "i40e-vf", "--device", "i40e-vf"]
+    process, output = start(arguments, env={"XDG_RUNTIME_DIR": str(socket_dir)})
+    directory = socket_dir / "vfio-mediate"
+    try:
+        for name in ("i40e-vf", "i40e-vf-1", "i40e-vf-2"):
+            assert f"serving {name} (8086:154c) on {directory / name}.sock\n" in output
+            with VfioUserClient.connect(directory / f"{name}.sock") as client:
+                assert client.device_info().num_regions >= 9
+    finally:
+        status, stderr = stop(process, signal.SIGTERM)
+    assert status == 0, stderr
 
 
 def test_serve_with_no_arguments_uses_the_runtime_directory(socket_dir: Path) -> None:

@@ -7,6 +7,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -287,3 +288,38 @@ def test_commands_pipelined_behind_a_dma_wait_run_after_it_in_order(
     assert replies[2].payload[16:] == b"\x99"
     assert replies[3].payload[16:] == struct.pack("<I", 1)
     assert guest[:32] == b"\x3c" * 32 and client.dma_requests_served == 1
+
+
+def test_a_client_that_ignores_dma_holds_up_other_devices_only_briefly(
+    make_test_device: Callable[[str], MediatedDevice],
+    socket_dir: Path,
+    connect: Callable[..., VfioUserClient],
+) -> None:
+    config = ServerConfig(dma_timeout=3.0, inline_dma_timeout=0.1)
+    with BackgroundServer(config) as background:
+        silent_end = background.add(make_test_device("svtest-silent"), socket_dir / "s.sock")
+        other_end = background.add(make_test_device("svtest-other"), socket_dir / "o.sock")
+        other = connect(other_end)
+        for attempt in range(3):  # each new session of the silent client tries again
+            silent = connect(silent_end)
+            guest = bytearray(PAGE)
+            silent.dma_map_messages(IOVA, guest)
+            silent.write(0, REG_SRC, struct.pack("<QQI", IOVA, IOVA + 64, 8))
+            ring = struct.pack("<QII", REG_DOORBELL, 0, 4) + struct.pack("<I", CMD_COPY)
+            silent.send_raw(pack_message(1, Command.REGION_WRITE, ring))
+            request = silent.receive()  # the device's DMA_READ, never answered
+            assert request.command == Command.DMA_READ
+            started = time.monotonic()
+            assert other.read(0, REG_SRC, 4) == attempt.to_bytes(4, "little")
+            assert time.monotonic() - started < 1.0, "the other device answers meanwhile"
+            other.write(0, REG_SRC, (attempt + 1).to_bytes(4, "little"))
+            reply = silent.receive()
+            assert reply.msg_id == 1 and reply.is_error and reply.error == errno.ETIMEDOUT
+            session = silent_end.session
+            assert session is not None and session.threaded
+            # On the worker, DMA waits for the client as long as dma_timeout allows.
+            guest[:8] = b"answered"
+            command(silent, CMD_COPY, IOVA, IOVA + 8, 8)
+            assert guest[8:16] == b"answered"
+            silent.close()
+            assert silent_end.wait_idle(2)

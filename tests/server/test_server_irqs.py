@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -16,6 +17,8 @@ from vfio_mediate.server import DeviceEndpoint, VfioUserClient
 from vfio_mediate.uapi import IrqIndex, IrqInfoFlag, IrqSetFlag
 
 MSIX = IrqIndex.MSIX
+EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE
+"""The largest eventfd counter: adding to it blocks, or fails with EAGAIN."""
 
 
 @pytest.fixture
@@ -135,3 +138,49 @@ def test_session_end_closes_its_eventfds(
     assert open_fds() == before
     test_endpoint.device.fire_irqs(MSIX, 0, 1)
     assert fired(eventfds[0], 0.02) == 0
+
+
+def test_an_fd_that_is_not_an_eventfd_is_refused_and_closed(
+    test_endpoint: DeviceEndpoint, connect: Callable[..., VfioUserClient], eventfds: list[int]
+) -> None:
+    # A pipe would fill up after a few thousand interrupts and block the server's write.
+    client = connect(test_endpoint)
+    read_end, write_end = os.pipe()
+    memfd = os.memfd_create("not-an-eventfd", os.MFD_CLOEXEC)
+    try:
+        before = open_fds()
+        for wrong in (write_end, memfd, client.sock.fileno()):
+            with pytest.raises(AccessError) as refused:
+                client.set_irq_eventfds(MSIX, 0, [eventfds[0], wrong])
+            assert refused.value.errno == errno.EINVAL
+        assert open_fds() == before, "the server closed every fd of a refused SET_IRQS"
+        test_endpoint.device.fire_irqs(MSIX, 0, 1)
+        assert fired(eventfds[0], 0.05) == 0, "a refused SET_IRQS assigns no vector"
+        client.set_irq_eventfds(MSIX, 0, eventfds[:2])
+        assert fired(eventfds[0]) == 1, "the vector left pending fires now"
+        client.trigger_irqs(MSIX, 0, 2)
+        assert (fired(eventfds[0]), fired(eventfds[1])) == (1, 1)
+    finally:
+        for fd in (read_end, write_end, memfd):
+            os.close(fd)
+
+
+def test_a_saturated_blocking_eventfd_does_not_block_the_server(
+    test_endpoint: DeviceEndpoint, connect: Callable[..., VfioUserClient]
+) -> None:
+    client = connect(test_endpoint, timeout=2.0)
+    blocking = os.eventfd(0, os.EFD_CLOEXEC)  # no EFD_NONBLOCK: a full counter blocks writers
+    try:
+        client.set_irq_eventfds(MSIX, 0, [blocking])
+        os.eventfd_write(blocking, EVENTFD_MAX)  # the client itself fills the counter
+        client.trigger_irqs(MSIX, 0, 1)  # fired on the event loop thread
+        assert client.device_info().num_regions == 9
+        assert os.eventfd_read(blocking) == EVENTFD_MAX, "an interrupt was pending already"
+        client.trigger_irqs(MSIX, 0, 1)
+        assert fired(blocking) == 1
+    finally:
+        # Unblocks a server write that waits on the counter, when this test fails.
+        os.set_blocking(blocking, False)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(blocking)
+        os.close(blocking)

@@ -16,6 +16,7 @@ from server_testlib import PAGE, REG_BOOM, REG_SRC, open_fds
 from vfio_mediate import MediatedDevice, anonymous_memory
 from vfio_mediate.server import (
     HEADER,
+    LOGGER_NAME,
     Command,
     DeviceEndpoint,
     HeaderFlag,
@@ -209,7 +210,7 @@ def test_a_plugin_bug_is_eio_logged_with_the_plugin_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = connect(test_endpoint)
-    with caplog.at_level(logging.ERROR, logger="vfio_mediate.server"):
+    with caplog.at_level(logging.ERROR, logger=LOGGER_NAME):
         code = error_of(client, Command.REGION_WRITE, RW.pack(REG_BOOM, 0, 4) + b"boom")
     assert code == errno.EIO
     assert any("svtest-mediator" in record.getMessage() for record in caplog.records)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import time
 from collections.abc import Callable
 
 import pytest
+from server_testlib import open_fds
 
 from vfio_mediate import AccessError, MediatedDevice
 from vfio_mediate.server import (
@@ -18,6 +21,7 @@ from vfio_mediate.server import (
     VfioUserClient,
     pack_message,
 )
+from vfio_mediate.uapi import PAGE_SIZE
 
 # The capabilities QEMU's vfio-user-pci sends (values of QEMU 10.1 to 11.1).
 QEMU_CAPABILITIES = {
@@ -165,3 +169,25 @@ def test_header_layout_is_sixteen_bytes() -> None:
     assert HEADER.size == 16
     message = pack_message(0x1234, Command.REGION_READ, b"x" * 16, HeaderFlag.NO_REPLY)
     assert HEADER.unpack_from(message) == (0x1234, 9, 32, 0x10, 0)
+
+
+def test_version_with_an_fd_is_refused_the_fd_closed_and_a_plain_one_goes_on(
+    test_endpoint: DeviceEndpoint,
+) -> None:
+    with VfioUserClient.connect(test_endpoint.path, negotiate=False) as client:
+        stray = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            deadline = time.monotonic() + 2
+            while test_endpoint.session is None and time.monotonic() < deadline:
+                time.sleep(0.005)  # the server accepts (its socket fd opens) after connect
+            before = open_fds()
+            payload = version_payload(QEMU_CAPABILITIES)
+            client.send_raw(pack_message(7, Command.VERSION, payload), (stray,))
+            reply = client.receive()
+            assert reply.is_error and reply.error == errno.EINVAL
+            assert open_fds() == before, "the server closed its copy"
+        finally:
+            os.close(stray)
+        client.negotiate()
+        assert client.server_capabilities.pgsizes == PAGE_SIZE
+        assert client.device_info().num_regions == 9

@@ -3,24 +3,42 @@ and sessions that come and go while the device keeps its state."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import logging
 import os
 import socket
 import stat
+import struct
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from server_testlib import REG_SRC, TrapMediator
+from server_testlib import (
+    CMD_FILL,
+    PAGE,
+    REG_DOORBELL,
+    REG_SRC,
+    REG_STALL,
+    TrapMediator,
+)
 
 from vfio_mediate import MediatedDevice
 from vfio_mediate.server import (
+    LOGGER_NAME,
     BackgroundServer,
+    Command,
     DeviceEndpoint,
     ProtocolError,
     VfioUserClient,
+    pack_message,
 )
+
+IOVA = 0x1_0000_0000
 
 
 def test_socket_is_private_and_removed_when_serving_stops(
@@ -93,7 +111,7 @@ def test_a_second_client_is_refused_while_the_first_is_connected(
 ) -> None:
     first = connect(test_endpoint)
     with (
-        caplog.at_level(logging.WARNING, logger="vfio_mediate.server"),
+        caplog.at_level(logging.WARNING, logger=LOGGER_NAME),
         pytest.raises((ProtocolError, ConnectionError)),
     ):
         VfioUserClient.connect(test_endpoint.path)
@@ -110,7 +128,7 @@ def test_a_peer_of_another_uid_is_refused(
     with BackgroundServer(allow_uids=[os.geteuid() + 1]) as strict:
         endpoint = strict.add(make_test_device("svtest-uid"), socket_dir / "uid.sock")
         with (
-            caplog.at_level(logging.WARNING, logger="vfio_mediate.server"),
+            caplog.at_level(logging.WARNING, logger=LOGGER_NAME),
             pytest.raises((ProtocolError, ConnectionError)),
         ):
             VfioUserClient.connect(endpoint.path)
@@ -144,3 +162,56 @@ def test_many_devices_in_one_server(
         client.write(0, REG_SRC, number.to_bytes(4, "little"))
     for number, client in enumerate(clients):
         assert client.read(0, REG_SRC, 4) == number.to_bytes(4, "little")
+
+
+def test_removing_a_device_closes_a_client_waiting_for_the_last_one_to_finish(
+    server: BackgroundServer, test_endpoint: DeviceEndpoint, mediator: TrapMediator
+) -> None:
+    first = VfioUserClient.connect(test_endpoint.path)
+    first.dma_map_messages(IOVA, bytearray(PAGE))
+    first.write(0, REG_SRC, struct.pack("<QQI", 0x11, IOVA, 8))
+    first.write(0, REG_DOORBELL, struct.pack("<I", CMD_FILL))  # DMA by messages: a worker now
+    first.send_raw(
+        pack_message(1, Command.REGION_WRITE, struct.pack("<QII", REG_STALL, 0, 4) + bytes(4))
+    )
+    assert mediator.stalled.wait(5)
+    first.sock.shutdown(socket.SHUT_WR)  # hung up, its last command still running
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    second.settimeout(2)
+    remover = threading.Thread(target=server.remove, args=(test_endpoint,))
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        try:
+            second.connect(str(test_endpoint.path))
+            server.call(welcome_waits_for_the_last_session(test_endpoint))
+            remover.start()  # cancels the welcome of the second client
+            assert second.recv(1) == b"", "the second client is let go at once"
+        finally:
+            mediator.release.set()
+            if remover.is_alive():
+                remover.join(15)
+            first.close()
+            second.close()
+        gc.collect()
+    # Left to the garbage collector, the server's end of the connection would warn.
+    unclosed = [str(w.message) for w in caught if str(test_endpoint.path) in str(w.message)]
+    assert not unclosed
+    assert test_endpoint.sessions_served == 1 and test_endpoint.session is None
+
+
+async def welcome_waits_for_the_last_session(endpoint: DeviceEndpoint) -> None:
+    """Return once the endpoint's accept task waits in ``Session.finish`` (of the last client)."""
+    accepting = next(
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name() == f"vfio-user accept {endpoint.name}"
+    )
+    for _ in range(500):
+        awaiting: Any = accepting.get_coro()
+        while awaiting is not None:
+            if getattr(awaiting, "__name__", "") == "finish":
+                return
+            awaiting = getattr(awaiting, "cr_await", None)
+        await asyncio.sleep(0.01)
+    raise AssertionError("the server never waited for the last session")

@@ -21,8 +21,8 @@ from .._dma import anonymous_memory
 from .._migrate import LiveMigration, MigrationProgress, MigrationReport, find_workload
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
+from ._defaults import DEFAULT_DEVICE
 
-DEFAULT_DEVICE = "i40e-vf"
 GUEST_IOVA = 0x1_0000_0000
 BAR_WIDTH = 30
 

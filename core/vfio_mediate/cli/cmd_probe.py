@@ -10,8 +10,7 @@ from .._device import MediatedDevice
 from .._devices import create_device
 from .._registry import MediatorRegistry
 from ..uapi import PCI_NUM_REGIONS, RegionFlag, RegionIndex, RegionInfo
-
-DEFAULT_DEVICE = "i40e-vf"
+from ._defaults import DEFAULT_DEVICE
 
 
 def register(subparsers: Any) -> None:

@@ -16,10 +16,8 @@ from .._device import MediatedDevice
 from .._devices import create_device
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
-from ..server import DeviceEndpoint, VfioUserServer, check_socket_directory
-
-DEFAULT_DEVICE = "i40e-vf"
-SERVER_LOGGER = "vfio_mediate.server"
+from ..server import SESSIONS_LOGGER_NAME, DeviceEndpoint, VfioUserServer, check_socket_directory
+from ._defaults import DEFAULT_DEVICE
 
 
 def register(subparsers: Any) -> None:
@@ -30,8 +28,11 @@ def register(subparsers: Any) -> None:
         description=(
             "Serve each device on a UNIX socket of its own (mode 0600) until Ctrl-C or SIGTERM, "
             "and print the QEMU options that attach them. The n-th --socket goes with the n-th "
-            "--device; devices without one get a socket in $XDG_RUNTIME_DIR/vfio-mediate (or a "
-            "private directory in the temporary directory)."
+            "--device; devices without one get a socket named after the device in "
+            "$XDG_RUNTIME_DIR/vfio-mediate (or a private directory in the temporary directory). "
+            "A device name already taken (a SPEC given again) gets -1, -2... added. Logs one "
+            "line per session; 'vfio-mediate -v serve' also logs each refused request and why, "
+            "-vv adds debugging detail."
         ),
     )
     parser.add_argument(
@@ -76,36 +77,58 @@ def qemu_options(endpoint: DeviceEndpoint) -> str:
     return f"-device '{json.dumps(device, separators=(',', ':'))}'"
 
 
-def _socket_paths(specs: list[str], sockets: list[str]) -> list[Path]:
-    if len(sockets) > len(specs):
-        raise SystemExit("vfio-mediate serve: more --socket than --device options")
+def _numbered(name: str, taken: set[str]) -> str:
+    """``name-1``, ``name-2``...: the first not in ``taken``."""
+    number = 1
+    while f"{name}-{number}" in taken:
+        number += 1
+    return f"{name}-{number}"
+
+
+def _create_devices(specs: list[str], backends: list[EmulatedPciDevice]) -> None:
+    """Create a device per SPEC into ``backends``, each with a name of its own: a device whose
+    name is taken (its SPEC given again, or another SPEC of that name) is numbered."""
+    own_names: dict[str, str] = {}
+    taken: set[str] = set()
+    for spec in specs:
+        own = own_names.get(spec)
+        if own is not None:
+            backend = create_device(spec, name=_numbered(own, taken))
+        else:
+            backend = create_device(spec)
+            own_names[spec] = backend.name
+            if backend.name in taken:
+                backend.close()
+                backend = create_device(spec, name=_numbered(own_names[spec], taken))
+        backends.append(backend)
+        taken.add(backend.name)
+
+
+def _socket_paths(names: list[str], sockets: list[str]) -> list[Path]:
+    """The n-th ``--socket``, else ``<device name>.sock`` in the default directory."""
     paths = [Path(path) for path in sockets]
-    if len(paths) < len(specs):
+    if len(paths) < len(names):
         directory = default_socket_directory()
-        taken = {path.name for path in paths}
-        for spec in specs[len(paths) :]:
-            stem = Path(spec).stem if spec.endswith(".toml") else spec
-            name, number = f"{stem}.sock", 1
-            while name in taken:
-                name, number = f"{stem}-{number}.sock", number + 1
-            taken.add(name)
-            paths.append(directory / name)
+        for name in names[len(paths) :]:
+            if "/" in name:
+                raise SystemExit(f"vfio-mediate serve: device {name!r} needs a --socket")
+            paths.append(directory / f"{name}.sock")
     return paths
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; exit status 0 after a clean shutdown."""
     specs: list[str] = args.device or [DEFAULT_DEVICE]
-    paths = _socket_paths(specs, args.socket)
+    if len(args.socket) > len(specs):
+        raise SystemExit("vfio-mediate serve: more --socket than --device options")
     if args.verbose == 0:
-        # One line per session at the default verbosity: the server logs exactly that at INFO.
-        logging.getLogger(SERVER_LOGGER).setLevel(logging.INFO)
+        # One line per session at the default verbosity; refused requests wait for -v.
+        logging.getLogger(SESSIONS_LOGGER_NAME).setLevel(logging.INFO)
     registry = MediatorRegistry.from_entry_points()
     backends: list[EmulatedPciDevice] = []
     try:
-        for number, spec in enumerate(specs):
-            name = None if specs.count(spec) == 1 else f"{Path(spec).stem}-{number}"
-            backends.append(create_device(spec, name=name))
+        _create_devices(specs, backends)
+        paths = _socket_paths([backend.name for backend in backends], args.socket)
         devices = [MediatedDevice(backend, registry) for backend in backends]
         uids = [os.geteuid(), *args.allow_uid]
         asyncio.run(_serve(devices, paths, uids))

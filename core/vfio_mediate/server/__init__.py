@@ -2,7 +2,8 @@
 
 ``VfioUserServer`` serves each ``MediatedDevice`` on a UNIX socket of its own from an asyncio
 loop (``BackgroundServer`` runs one on a thread for blocking code); ``VfioUserClient`` speaks
-the protocol from Python. ``_codec`` holds the wire format, once.
+the protocol from Python. ``_codec`` holds the wire format, once. The server logs under
+``LOGGER_NAME``, one line per session under ``SESSIONS_LOGGER_NAME``.
 """
 
 from ._client import Message, VfioUserClient
@@ -17,11 +18,14 @@ from ._codec import (
     pack_message,
 )
 from ._config import PeerCredentials, ServerConfig
+from ._log import LOGGER_NAME, SESSIONS_LOGGER_NAME
 from ._server import BackgroundServer, DeviceEndpoint, VfioUserServer, check_socket_directory
 from ._session import Session
 
 __all__ = [
     "HEADER",
+    "LOGGER_NAME",
+    "SESSIONS_LOGGER_NAME",
     "BackgroundServer",
     "Capabilities",
     "Command",

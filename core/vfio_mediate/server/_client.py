@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, final
 from .._dma import anonymous_memory
 from .._errors import AccessError
 from ..uapi import (
+    PAGE_SIZE,
     DeviceFeature,
     DeviceInfo,
     FeatureFlag,
@@ -26,7 +27,6 @@ from ..uapi import (
 from ._codec import (
     DEFAULT_MAX_DATA_XFER_SIZE,
     DEFAULT_MAX_DMA_MAPS,
-    DEFAULT_PAGE_SIZE,
     DEVICE_INFO,
     DMA_LOGGING_CONTROL,
     DMA_LOGGING_RANGE,
@@ -315,11 +315,11 @@ class VfioUserClient:
 
     def default_capabilities(self) -> dict[str, Any]:
         """What this client announces: what QEMU's vfio-user-pci does."""
-        migration = {"pgsize": DEFAULT_PAGE_SIZE, "max_bitmap_size": _QEMU_MAX_BITMAP_SIZE}
+        migration = {"pgsize": PAGE_SIZE, "max_bitmap_size": _QEMU_MAX_BITMAP_SIZE}
         return {
             "max_msg_fds": MAX_MSG_FDS,
             "max_data_xfer_size": self.max_data_xfer_size,
-            "pgsizes": DEFAULT_PAGE_SIZE,
+            "pgsizes": PAGE_SIZE,
             "max_dma_maps": DEFAULT_MAX_DMA_MAPS,
             "write_multiple": True,
             "migration": migration,

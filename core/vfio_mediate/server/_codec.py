@@ -15,13 +15,12 @@ from enum import Enum, IntEnum, IntFlag
 from typing import Any, NamedTuple
 
 from .._errors import ProtocolError
-from ..uapi import CapId, RegionFlag, RegionInfo, RegionType, SparseMmapArea
+from ..uapi import PAGE_SIZE, CapId, RegionFlag, RegionInfo, RegionType, SparseMmapArea
 
 __all__ = [
     "CAP_HEADER",
     "DEFAULT_MAX_DATA_XFER_SIZE",
     "DEFAULT_MAX_DMA_MAPS",
-    "DEFAULT_PAGE_SIZE",
     "DEVICE_INFO",
     "DMA_LOGGING_CONTROL",
     "DMA_LOGGING_RANGE",
@@ -190,7 +189,6 @@ DMA_RW_QEMU_10_PADDING = 4
 
 DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
 DEFAULT_MAX_DMA_MAPS = 65535
-DEFAULT_PAGE_SIZE = 4096
 MAX_MSG_FDS = 16
 """The most fds this implementation takes in one message (QEMU refuses more than 16)."""
 
@@ -242,7 +240,7 @@ class Capabilities(NamedTuple):
     max_msg_fds: int = 1
     max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
     max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
-    pgsizes: int = DEFAULT_PAGE_SIZE
+    pgsizes: int = PAGE_SIZE
     write_multiple: bool = False
     migration_pgsize: int | None = None
     migration_max_bitmap_size: int | None = None

@@ -4,13 +4,12 @@ commands the server sends and the client answers.
 A device's DMA is synchronous, so the thread that does it waits here for the client's reply,
 which the session's event loop thread reads and hands over. When that thread is the loop's
 own (a command running inline made the device do DMA), the session reads the reply itself
-(``wait_on_loop``).
+(``wait_on_loop``), for a short time only: meanwhile no other device is served.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import threading
 from collections.abc import Callable
 from typing import final
@@ -26,11 +25,10 @@ from ._codec import (
     decode_dma_read_reply,
     encode_dma_request,
 )
+from ._log import logger
 from ._transport import Sender, close_fds
 
 __all__ = ["DMA_READ_MAX", "MessageDma"]
-
-logger = logging.getLogger("vfio_mediate.server")
 
 DMA_READ_MAX = 64 << 10
 """The most bytes one DMA_READ asks for. QEMU 11.1.3 breaks (an assertion, after a garbled
@@ -87,7 +85,8 @@ class MessageDma:
     ``layout`` and ``chunk`` (the largest transfer of one message) are set at negotiation;
     ``on_request`` runs (on the requesting thread) before a request is sent, so that the session
     can make sure its loop reads the reply; ``wait_on_loop(event, timeout)`` waits for a reply
-    on the loop thread itself.
+    on the loop thread itself. A request waits ``timeout`` seconds for its reply, or
+    ``loop_timeout`` when made on the loop thread.
     """
 
     def __init__(
@@ -95,6 +94,7 @@ class MessageDma:
         sender: Sender,
         label: str,
         timeout: float,
+        loop_timeout: float,
         on_request: Callable[[], None],
         wait_on_loop: Callable[[threading.Event, float], None],
     ) -> None:
@@ -103,6 +103,7 @@ class MessageDma:
         self._sender = sender
         self._label = label
         self._timeout = timeout
+        self._loop_timeout = min(loop_timeout, timeout)
         self._on_request = on_request
         self._wait_on_loop = wait_on_loop
         self._loop_thread = threading.get_ident()
@@ -122,8 +123,8 @@ class MessageDma:
 
     def request(self, command: Command, address: int, count: int, data: bytes = b"") -> bytes:
         """Send a DMA_READ of ``count`` bytes, or a DMA_WRITE of ``data``, and wait for the
-        reply; raises ``AccessError`` with the client's errno, ETIMEDOUT, or EFAULT when the
-        client is gone."""
+        reply; raises ``AccessError`` with the client's errno, ETIMEDOUT (a late reply is then
+        dropped), or EFAULT when the client is gone."""
         if command == Command.DMA_WRITE:
             count = len(data)
         waiter = _Waiter(command, count)
@@ -137,15 +138,27 @@ class MessageDma:
             self._waiters[msg_id] = waiter
         self._on_request()
         self._sender.send((encode_dma_request(self.layout, msg_id, command, address, count, data),))
-        if threading.get_ident() == self._loop_thread:
-            self._wait_on_loop(waiter.event, self._timeout)
+        on_loop = threading.get_ident() == self._loop_thread
+        timeout = self._loop_timeout if on_loop else self._timeout
+        if on_loop:
+            self._wait_on_loop(waiter.event, timeout)
         else:
-            waiter.event.wait(self._timeout)
+            waiter.event.wait(timeout)
         if not waiter.event.is_set():
             with self._lock:
                 self._waiters.pop(msg_id, None)
+            if on_loop:
+                logger.warning(
+                    "%s: no reply to %s at %#x within %s s on the event loop, which serves "
+                    "every device: the request fails; later DMA waits on the session's worker",
+                    self._label,
+                    command.name,
+                    address,
+                    timeout,
+                )
             raise AccessError(
-                errno.ETIMEDOUT, f"{self._label}: no reply to {command.name} at {address:#x}"
+                errno.ETIMEDOUT,
+                f"{self._label}: no reply to {command.name} at {address:#x} within {timeout} s",
             )
         if waiter.error:
             raise AccessError(

@@ -8,15 +8,13 @@ size is EINVAL. Every refusal is an ``AccessError`` whose errno goes on the wire
 from __future__ import annotations
 
 import errno
-import logging
 from collections.abc import Callable
 from typing import final
 
 from .._device import MediatedDevice
 from .._errors import AccessError
-from ..uapi import FEATURE_MASK, DeviceFeature, FeatureFlag
+from ..uapi import FEATURE_MASK, PAGE_SIZE, DeviceFeature, FeatureFlag
 from ._codec import (
-    DEFAULT_PAGE_SIZE,
     DMA_LOGGING_CONTROL,
     DMA_LOGGING_RANGE,
     DMA_LOGGING_REPORT,
@@ -27,10 +25,9 @@ from ._codec import (
     MIG_DATA,
 )
 from ._config import ServerConfig
+from ._log import logger
 
 __all__ = ["DeviceFeatures"]
-
-logger = logging.getLogger("vfio_mediate.server")
 
 _GET, _SET, _PROBE = int(FeatureFlag.GET), int(FeatureFlag.SET), int(FeatureFlag.PROBE)
 _MIGRATION_FEATURES = frozenset(
@@ -148,8 +145,8 @@ class DeviceFeatures:
         if not ranges:
             ranges = self._mapped_ranges()
         # The page size is a hint: the device takes the nearest it supports and says so.
-        if page_size < DEFAULT_PAGE_SIZE or page_size & (page_size - 1):
-            page_size = DEFAULT_PAGE_SIZE
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            page_size = PAGE_SIZE
         pages = sum(-(-length // page_size) for _, length in ranges)
         if pages // 8 > _MAX_LOG_BITMAP:
             raise AccessError(errno.E2BIG, f"logging {pages} pages")
@@ -165,7 +162,7 @@ class DeviceFeatures:
         if len(data) < DMA_LOGGING_REPORT.size:
             raise AccessError(errno.EINVAL, "DMA_LOGGING_REPORT lacks iova, length, page_size")
         iova, length, page_size = DMA_LOGGING_REPORT.unpack_from(data)
-        if page_size < DEFAULT_PAGE_SIZE or page_size & (page_size - 1) or not length:
+        if page_size < PAGE_SIZE or page_size & (page_size - 1) or not length:
             raise AccessError(errno.EINVAL, f"report page size {page_size}, length {length}")
         pages = -(-length // page_size)
         words = -(-pages // 64)  # u64 words, one bit per page

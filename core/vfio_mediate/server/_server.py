@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import logging
 import os
 import socket
 import stat
@@ -18,11 +17,10 @@ from typing import Any, TypeVar, final
 
 from .._device import MediatedDevice
 from ._config import PeerCredentials, ServerConfig
+from ._log import logger
 from ._session import Session
 
 __all__ = ["BackgroundServer", "DeviceEndpoint", "VfioUserServer", "check_socket_directory"]
-
-logger = logging.getLogger("vfio_mediate.server")
 
 _PEERCRED = struct.Struct("iII")
 _BACKLOG = 4
@@ -213,11 +211,16 @@ class VfioUserServer:
                 logger.error("%s: accept failed: %s", endpoint.name, exc)
                 await asyncio.sleep(0.1)
                 continue
+            # _welcome raises only before it hands ``conn`` to a session, so ``conn`` is ours.
             try:
                 await self._welcome(endpoint, conn)
             except Exception:
                 logger.exception("%s: a new connection failed", endpoint.name)
                 conn.close()
+            except BaseException:
+                # remove() cancelled this task while the welcome waited for the old session.
+                conn.close()
+                raise
 
     async def _welcome(self, endpoint: DeviceEndpoint, conn: socket.socket) -> None:
         peer = _peer_credentials(conn)

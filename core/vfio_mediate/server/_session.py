@@ -7,8 +7,13 @@ the client (a device model's DMA inside a region write, to memory mapped without
 DMA_READ/DMA_WRITE round trip). The first time that happens inline, the loop thread reads the
 socket itself until the reply comes (commands arriving meanwhile are queued), and the session
 then hands its commands, for good, to a worker thread of its own: from there on its DMA waits
-block that worker while the loop goes on reading replies and serving other devices. A session
-whose client maps memory without an fd that the device never touches (QEMU's ROMs) stays inline.
+block that worker while the loop goes on reading replies and serving other devices. While the
+loop thread waits, no other device is served, and the command cannot move to another thread in
+the middle of the device's call: so that first wait is cut short
+(``ServerConfig.inline_dma_timeout``). A client that does not answer at once gets that one
+request failed with ETIMEDOUT (the device sees a DMA error, as for any timeout); no client holds
+up the other devices longer than that, once per session. A session whose client maps memory
+without an fd that the device never touches (QEMU's ROMs) stays inline.
 Sends are serialised by a lock; what the socket does not take at once is flushed by the loop.
 """
 
@@ -29,9 +34,8 @@ from typing import Any, final
 from .._device import MediatedDevice
 from .._dma import DmaMapping
 from .._errors import AccessError, ContractViolation
-from ..uapi import IrqInfoFlag, IrqSetFlag, RegionInfo, SparseMmapArea
+from ..uapi import PAGE_SIZE, IrqInfoFlag, IrqSetFlag, RegionInfo, SparseMmapArea
 from ._codec import (
-    DEFAULT_PAGE_SIZE,
     DEVICE_INFO,
     DMA_MAP,
     DMA_UNMAP,
@@ -62,13 +66,20 @@ from ._codec import (
 from ._config import PeerCredentials, ServerConfig
 from ._dma_messages import MessageDma
 from ._features import DeviceFeatures
-from ._transport import FD_SIZE, EventfdTrigger, Framer, Sender, close_fds, received_fds
+from ._log import logger, sessions_logger
+from ._transport import (
+    FD_SIZE,
+    EventfdTrigger,
+    Framer,
+    Sender,
+    close_fds,
+    is_eventfd,
+    received_fds,
+)
 
 __all__ = ["Session"]
 
-logger = logging.getLogger("vfio_mediate.server")
-
-_DEBUG = logging.DEBUG
+_DEBUG, _INFO = logging.DEBUG, logging.INFO
 _RECV_SIZE = 1 << 16
 _REPLY = HeaderFlag.REPLY
 _NO_REPLY = HeaderFlag.NO_REPLY
@@ -101,7 +112,8 @@ class Session:
     Created and started by the server on the loop thread. The device is opened at ``start``
     and closed when the session ends; the client's DMA mappings and interrupt eventfds die with
     the session, the device's state does not. ``mapped_areas`` records, per region index, every
-    ``(offset, size)`` area whose fd was handed to the client.
+    ``(offset, size)`` area whose fd was handed to the client (pass the dict of the endpoint to
+    record every session's in one place).
     """
 
     def __init__(
@@ -119,19 +131,24 @@ class Session:
         self.peer = peer
         self.label = label
         self.config = config
-        self.mapped_areas: dict[int, set[tuple[int, int]]] = {}
+        self.mapped_areas: dict[int, set[tuple[int, int]]] = (
+            mapped_areas if mapped_areas is not None else {}
+        )
         self.requests = 0
         self.errors = 0
-        self.client_capabilities: Capabilities | None = None
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._sender = Sender(sock, self._loop, self.close)
         self.message_dma = MessageDma(
-            self._sender, label, config.dma_timeout, self._reply_wanted, self._wait_inline
+            self._sender,
+            label,
+            config.dma_timeout,
+            config.inline_dma_timeout,
+            self._reply_wanted,
+            self._wait_inline,
         )
-        self._record_sink = mapped_areas
         self._on_closed = on_closed
         self._started = time.monotonic()
         self._max_message = config.max_message
@@ -188,11 +205,6 @@ class Session:
         messages)."""
         return self._worker is not None
 
-    @property
-    def dma_mappings(self) -> tuple[tuple[int, int], ...]:
-        """The ``(iova, size)`` of every DMA mapping the client holds."""
-        return tuple(sorted(self._maps))
-
     # -- lifetime ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -201,8 +213,8 @@ class Session:
         self._sock.setblocking(False)
         self._loop.add_reader(self._fd, self._on_readable)
         self._reading = True
-        if logger.isEnabledFor(_DEBUG):
-            logger.debug("%s: session from pid %d (uid %d) started", *self._who())
+        if sessions_logger.isEnabledFor(_DEBUG):
+            sessions_logger.debug("%s: session from pid %d (uid %d) started", *self._who())
 
     def _who(self) -> tuple[str, int, int]:
         return self.label, self.peer.pid, self.peer.uid
@@ -272,7 +284,7 @@ class Session:
             self.device.close()
         except Exception:
             logger.exception("%s: closing the device failed", self.label)
-        logger.info(
+        sessions_logger.info(
             "%s: session of pid %d (uid %d) ended after %.1f s, %d requests, %d errors: %s",
             *self._who(),
             time.monotonic() - self._started,
@@ -360,8 +372,9 @@ class Session:
     def _wait_inline(self, done: threading.Event, timeout: float) -> None:
         """Wait on the loop thread for the reply to a DMA request a command made: the loop
         cannot read while the command runs, so read the socket here (other commands that come
-        meanwhile are queued), and hand the session's later commands to a worker thread, so
-        that its DMA by messages never holds up the loop again."""
+        meanwhile are queued), for at most ``timeout`` (the short ``inline_dma_timeout``), and
+        hand the session's later commands to a worker thread, so that its DMA by messages never
+        holds up the loop again."""
         self._start_worker()
         deadline = time.monotonic() + timeout
         poller = select.poll()
@@ -442,8 +455,14 @@ class Session:
             return
         except OSError as exc:
             code = exc.errno or errno.EIO
-            if logger.isEnabledFor(_DEBUG):
-                logger.debug("%s: command %d refused: %s", self.label, command, exc)
+            if logger.isEnabledFor(_INFO):
+                logger.info(
+                    "%s: %s refused with %s: %s",
+                    self.label,
+                    Command.name_of(command),
+                    errno.errorcode.get(code, code),
+                    exc,
+                )
         except ContractViolation as exc:
             code = errno.EIO
             logger.error("%s: command %d: %s", self.label, command, exc)
@@ -491,8 +510,6 @@ class Session:
     def _version(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         if self._negotiated:
             raise AccessError(errno.EINVAL, "VERSION after negotiation")
-        if fds:
-            raise _Fatal(errno.EINVAL, "VERSION carries fds")
         if len(payload) < VERSION.size:
             raise _Fatal(errno.EINVAL, f"VERSION payload of {len(payload)} bytes")
         major, _ = VERSION.unpack_from(payload)
@@ -502,7 +519,6 @@ class Session:
             caps = decode_capabilities(payload[VERSION.size :])
         except ProtocolError as exc:
             raise _Fatal(errno.EINVAL, str(exc)) from None
-        self.client_capabilities = caps
         layout = self.config.dma_layout
         self.message_dma.layout = layout
         self.message_dma.chunk = min(caps.max_data_xfer_size, self.config.max_data_xfer_size)
@@ -517,7 +533,7 @@ class Session:
         migration = self._migration_capability(caps)
         if migration is not None:
             ours.append(("migration", migration))
-        ours += [("pgsizes", DEFAULT_PAGE_SIZE), ("max_dma_maps", config.max_dma_maps)]
+        ours += [("pgsizes", PAGE_SIZE), ("max_dma_maps", config.max_dma_maps)]
         entries = [(name, value) for name, value in ours if name in caps.keys]
         text = encode_capabilities(entries, len(payload) - VERSION.size)
         self._negotiated = True
@@ -536,8 +552,8 @@ class Session:
         if not migrates:
             return None
         page = caps.migration_pgsize
-        if page is None or page < DEFAULT_PAGE_SIZE or page & (page - 1):
-            page = DEFAULT_PAGE_SIZE
+        if page is None or page < PAGE_SIZE or page & (page - 1):
+            page = PAGE_SIZE
         answer = {"pgsize": page}
         if caps.migration_max_bitmap_size is not None:
             answer["max_bitmap_size"] = min(
@@ -573,8 +589,6 @@ class Session:
         if send_fds and not flags & _NO_REPLY:
             handed = {(area.offset, area.size) for area in areas}
             self.mapped_areas.setdefault(index, set()).update(handed)
-            if self._record_sink is not None:
-                self._record_sink.setdefault(index, set()).update(handed)
 
     def _map_areas(self, info: RegionInfo) -> tuple[tuple[SparseMmapArea, ...], int, int]:
         """The areas of ``info`` a client may map, each from ``device.mmap``; all must come
@@ -804,6 +818,10 @@ class Session:
         self._respond(msg_id, Command.DEVICE_SET_IRQS, flags)
 
     def _assign_triggers(self, index: int, start: int, fds: list[int]) -> None:
+        # Anything but an eventfd could block the trigger's write (and the loop thread with it).
+        for position, fd in enumerate(fds):
+            if not is_eventfd(fd):
+                raise AccessError(errno.EINVAL, f"SET_IRQS fd #{position} is not an eventfd")
         triggers = [EventfdTrigger(fd) for fd in fds]
         fds.clear()
         try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import logging
 import os
+import select
 import socket
 import threading
 from collections import deque
@@ -13,15 +13,24 @@ from collections.abc import Callable, Sequence
 from typing import final
 
 from ._codec import HEADER, HEADER_SIZE, ProtocolError
+from ._log import logger
 
-__all__ = ["FD_SIZE", "EventfdTrigger", "Frame", "Framer", "Sender", "close_fds", "received_fds"]
-
-logger = logging.getLogger("vfio_mediate.server")
+__all__ = [
+    "FD_SIZE",
+    "EventfdTrigger",
+    "Frame",
+    "Framer",
+    "Sender",
+    "close_fds",
+    "is_eventfd",
+    "received_fds",
+]
 
 FD_SIZE = array.array("i").itemsize
 _SCM = socket.SCM_RIGHTS
 _SOL = socket.SOL_SOCKET
 _SEND_QUEUE_LIMIT = 64 << 20
+_EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -239,26 +248,50 @@ class Sender:
                 self._writing = False
 
 
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (what else a client passes may block a write: a full pipe)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == _EVENTFD_LINK
+    except OSError:
+        return False
+
+
+def _writable(events: list[tuple[int, int]]) -> bool:
+    return bool(events) and bool(events[0][1] & select.POLLOUT)
+
+
 @final
 class EventfdTrigger:
-    """An interrupt trigger that writes 1 to a client's eventfd; closing it makes later calls
-    no-ops, so a device thread holding the trigger never writes to a reused fd number."""
+    """An interrupt trigger that adds 1 to a client's eventfd; closing it makes later calls
+    no-ops, so a device thread holding the trigger never writes to a reused fd number.
 
-    __slots__ = ("_fd", "_lock")
+    A saturated eventfd does not make it wait: the client's eventfd may be in blocking mode
+    (its file status flags are the client's, shared with this fd, so they are left alone) with
+    its counter at the maximum, where a write waits for a read. So the write is made only when
+    ``poll`` says it goes through; otherwise the counter, far from zero, already signals an
+    interrupt and nothing is lost, as with the kernel's own eventfd signalling. Only a client
+    that keeps its eventfd blocking and races its counter up between the poll and the write
+    could still make one write wait.
+    """
+
+    __slots__ = ("_fd", "_lock", "_poller")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLOUT)
 
     def __call__(self) -> None:
         with self._lock:
-            if self._fd >= 0:
+            if self._fd >= 0 and _writable(self._poller.poll(0)):
                 try:
                     os.eventfd_write(self._fd, 1)
                 except OSError as exc:
                     logger.debug("irq eventfd %d write failed: %s", self._fd, exc)
 
     def close(self) -> None:
+        """Close the eventfd; later calls do nothing (a device may still hold the trigger)."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
