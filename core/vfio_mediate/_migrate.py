@@ -66,7 +66,7 @@ class Workload(GuestWorkload, Protocol):
 
     The factory is called as ``factory(device, memory, iova, *, seed=0)``: ``device`` offers
     ``read``/``write``/``set_irq_triggers`` (a ``MediatedDevice``), ``memory`` is the guest memory
-    mapped at ``iova`` in the device's DMA space.
+    (at least 4 MiB) mapped at ``iova`` in the device's DMA space.
     """
 
     def start(self) -> None:
