@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"vfio-mediate: error: check needs {' and '.join(missing)}: "
-            "pip install 'vfio-mediate[test]'",
+            "pip install 'vfio-mediate[check]'",
             file=sys.stderr,
         )
         return 2
