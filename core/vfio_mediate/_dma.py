@@ -256,10 +256,6 @@ class DmaSpace:
         for watcher in watchers:
             watcher(iova, len(data))
 
-    def read_u64(self, iova: int) -> int:
-        """Read a little-endian 64-bit value at ``iova``."""
-        return int.from_bytes(self.read(iova, 8), "little")
-
 
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
