@@ -35,6 +35,7 @@ from typing import Any, Protocol, Self, final
 
 from . import registers as r
 from . import virtchnl as vc
+from .ports import attach_port
 from .switch import SWITCH, Switch
 
 __all__ = ["Guest", "GuestError", "GuestMemory", "LinkPartner", "workload"]
@@ -54,7 +55,7 @@ ETHERTYPE = 0x88B5  # IEEE local experimental
 ETHER_HEADER = struct.Struct("!6s6sH")
 HEADER = struct.Struct("<4sIHHI")  # magic, sequence number, queue, reserved, length
 MAGIC = b"I40G"
-MIN_PACKET = ETHER_HEADER.size + HEADER.size
+MIN_PACKET = 60  # Ethernet's minimum frame without FCS: shorter ones arrive padded
 _PATTERN = bytes(range(251)) * (r.MAX_FRAME_SIZE // 251 + 2)
 
 
@@ -66,7 +67,7 @@ def packet_bytes(destination: bytes, source: bytes, queue: int, sequence: int, l
     """The frame the guest sends as number ``sequence`` on ``queue``: Ethernet header,
     our header and pattern, ``length`` bytes in all."""
     start = sequence % 251
-    body = _PATTERN[start : start + length - MIN_PACKET]
+    body = _PATTERN[start : start + length - ETHER_HEADER.size - HEADER.size]
     return (
         ETHER_HEADER.pack(destination, source, ETHERTYPE)
         + HEADER.pack(MAGIC, sequence, queue, 0, length)
@@ -97,10 +98,9 @@ class LinkPartner:
             if partner is not None:
                 partner.reflect(frame)
 
-        self.port = switch.attach(deliver)
+        self.port = attach_port(switch, self, deliver)
         self.mac = self.port.mac
         self.reflected = 0
-        weakref.finalize(self, self.port.detach)
 
     def reflect(self, frame: bytes) -> None:
         """Send ``frame`` back if it is for this port."""
@@ -177,6 +177,7 @@ class _QueuePair:
     rx_free: deque[int] = field(default_factory=deque)
     tx_free: deque[int] = field(default_factory=deque)
     in_flight: deque[_TxPacket] = field(default_factory=deque)
+    expected: deque[tuple[int, int]] = field(default_factory=deque)  # sent, not yet back
     partial: list[bytes] = field(default_factory=list)
 
     @property
@@ -236,7 +237,6 @@ class Guest:
         self.vectors = 0
         self.link_up = False
         self.stats_reply: tuple[int, ...] = ()
-        self.expected: deque[tuple[int, int, int]] = deque()  # (sequence, queue, length)
         self.counters = {
             "sent": 0,
             "received": 0,
@@ -467,6 +467,9 @@ class Guest:
             aq.outstanding, aq.reply = vc.OP_UNKNOWN, (opcode, signed, payload)
             if opcode == vc.OP_GET_STATS and not signed:
                 self.stats_reply = vc.ETH_STATS.unpack(payload)
+        posted = (aq.arq_next_to_clean - 1) % AQ_ENTRIES
+        if self._reg(r.VF_ARQT) != posted:  # every cleaned buffer goes back to the device
+            self._write(r.VF_ARQT, posted)
 
     def request(self, opcode: int, payload: bytes = b"") -> tuple[int, bytes]:
         """Send one request and take its reply: (virtchnl status, payload). ``GuestError`` when
@@ -547,8 +550,8 @@ class Guest:
     def _reclaim_all(self) -> None:
         for pair in self.pairs:
             self._reclaim(pair)
-        self.counters["dropped"] += len(self.expected)
-        self.expected.clear()
+            self.counters["dropped"] += len(pair.expected)
+            pair.expected.clear()
 
     def configure(self, queue: int, *, early: bool = False) -> None:
         """Give queue pair ``queue`` its other set of rings: DISABLE_QUEUES, RX buffers posted,
@@ -560,9 +563,10 @@ class Guest:
         self.clean(0)
         self.expect_ok(vc.OP_DISABLE_QUEUES, self.queue_select([pair]))
         self._reclaim(pair)
-        if queue == 0:  # everything comes back on RX queue 0
-            self.counters["dropped"] += len(self.expected)
-            self.expected.clear()
+        dropped = [pair.expected] if queue else [p.expected for p in self.pairs]
+        for expected in dropped:  # what queue 0 held is lost, and TX in flight on this pair
+            self.counters["dropped"] += len(expected)
+            expected.clear()
         self._new_rings(pair)
         self.post_rx(queue)
         self.expect_ok(vc.OP_CONFIG_VSI_QUEUES, self.queue_config([pair]))
@@ -593,35 +597,64 @@ class Guest:
 
     def send(self, queue: int, length: int) -> bool:
         """Send one frame of ``length`` bytes (at least the headers) on ``queue`` to the link
-        partner; ``False`` when the TX ring or buffers are full."""
-        pair = self.pairs[queue]
+        partner, expected back; ``False`` when the TX ring or buffers are full."""
         length = min(max(length, MIN_PACKET), MAX_PACKET)
-        pieces = -(-length // TX_BUF_SIZE)
-        if pieces > pair.tx_free_descriptors or pieces > len(pair.tx_free):
+        sequence = self.counters["sent"]
+        frame = packet_bytes(self.partner.mac, self.mac, queue, sequence, length)
+        if not self.transmit(queue, frame):
+            return False
+        self.pairs[queue].expected.append((sequence, length))
+        self.counters["sent"] += 1
+        return True
+
+    def transmit(self, queue: int, frame: bytes, *, offload: int = 0, tso_mss: int = 0) -> bool:
+        """Put ``frame`` on ``queue``'s TX ring in 2 KiB pieces, as iavf does: ``offload`` is
+        ORed into every data descriptor's qword1 (IIPT, L4T, header lengths) and a nonzero
+        ``tso_mss`` adds a TSO context descriptor; one tail write. ``False`` when full."""
+        pair = self.pairs[queue]
+        pieces = -(-len(frame) // TX_BUF_SIZE)
+        needed = pieces + (1 if tso_mss else 0)
+        if needed > pair.tx_free_descriptors or pieces > len(pair.tx_free):
             self.counters["no_room"] += 1
             return False
-        sequence = self.counters["sent"]
-        packet = packet_bytes(self.partner.mac, self.mac, queue, sequence, length)
         buffers = [pair.tx_free.popleft() for _ in range(pieces)]
         slot = pair.tx_next_to_use
+        if tso_mss:
+            header = (offload >> r.TX_OFFSET_SHIFT & r.TX_MACLEN_MASK) * 2 + (
+                offload >> r.TX_IPLEN_SHIFT & r.TX_IPLEN_MASK
+            ) * 4 + (offload >> r.TX_L4LEN_SHIFT & r.TX_L4LEN_MASK) * 4
+            context = (
+                r.TX_DTYPE_CONTEXT
+                | r.TX_CTX_CMD_TSO << r.TX_CMD_SHIFT
+                | (len(frame) - header) << r.TX_CTX_TSO_LEN_SHIFT
+                | tso_mss << r.TX_CTX_MSS_SHIFT
+            )
+            self.memory.write(pair.tx_ring + slot * r.TX_DESC.size, r.TX_DESC.pack(0, context))
+            slot = (slot + 1) % pair.ring_len
         for piece, buffer in enumerate(buffers):
-            data = packet[piece * TX_BUF_SIZE : (piece + 1) * TX_BUF_SIZE]
+            data = frame[piece * TX_BUF_SIZE : (piece + 1) * TX_BUF_SIZE]
             self.memory.write(buffer, data)
             cmd = r.TX_CMD_EOP | r.TX_CMD_RS if piece == pieces - 1 else 0
-            slot = (pair.tx_next_to_use + piece) % pair.ring_len
             self.memory.write(
                 pair.tx_ring + slot * r.TX_DESC.size,
-                r.TX_DESC.pack(buffer, r.tx_data_qword1(len(data), cmd)),
+                r.TX_DESC.pack(buffer, r.tx_data_qword1(len(data), cmd) | offload),
             )
-        pair.tx_next_to_use = (slot + 1) % pair.ring_len
-        pair.in_flight.append(_TxPacket(sequence, slot, pieces, buffers))
-        self.expected.append((sequence, queue, length))
-        self.counters["sent"] += 1
+            last, slot = slot, (slot + 1) % pair.ring_len
+        pair.tx_next_to_use = slot
+        pair.in_flight.append(_TxPacket(self.counters["sent"], last, needed, buffers))
         self._write(r.qtx_tail(queue), pair.tx_next_to_use)
         return True
 
     def clean(self, queue: int) -> int:
-        """Reclaim completed TX packets and take received RX packets; returns packets taken."""
+        """Reclaim completed TX packets and take received RX frames, each checked against
+        what was sent; returns frames taken."""
+        frames = self.take_frames(queue)
+        for frame in frames:
+            self._check(frame)
+        return len(frames)
+
+    def take_frames(self, queue: int) -> list[bytes]:
+        """Reclaim completed TX packets and take the frames received on ``queue`` as they are."""
         pair = self.pairs[queue]
         while pair.in_flight:
             packet = pair.in_flight[0]
@@ -633,7 +666,7 @@ class Guest:
             pair.in_flight.popleft()
             pair.tx_free.extend(packet.buffers)
             pair.tx_next_to_clean = (packet.last_slot + 1) % pair.ring_len
-        taken = 0
+        frames = []
         while pair.rx_posted:
             slot = pair.rx_next_to_clean
             qword1 = self.memory.read_u64(pair.rx_ring + slot * r.RX_DESC.size + 8)
@@ -645,26 +678,28 @@ class Guest:
             pair.rx_free.append(buffer)
             pair.rx_next_to_clean = (slot + 1) % pair.ring_len
             if qword1 & r.RX_EOF:
-                self._check(b"".join(pair.partial))
+                frames.append(b"".join(pair.partial))
                 pair.partial.clear()
-                taken += 1
-        return taken
+        return frames
 
     def _check(self, frame: bytes) -> None:
-        """Match a received frame with the oldest one sent; older ones were dropped."""
+        """Match a received frame with the oldest one sent on its TX queue (frames of one
+        queue arrive in order, queues served at once may interleave); older ones were
+        dropped."""
         if len(frame) < MIN_PACKET:
             self.counters["corrupt"] += 1
             return
-        destination, source, _ = ETHER_HEADER.unpack_from(frame)
         magic, sequence, queue, _, length = HEADER.unpack_from(frame, ETHER_HEADER.size)
-        expected = self.expected
+        if magic != MAGIC or queue >= len(self.pairs):
+            self.counters["corrupt"] += 1
+            return
+        expected = self.pairs[queue].expected
         while expected and expected[0][0] < sequence:
             expected.popleft()
             self.counters["dropped"] += 1
         if (
-            magic != MAGIC
-            or not expected
-            or expected[0] != (sequence, queue, length)
+            not expected
+            or expected[0] != (sequence, length)
             or frame != packet_bytes(self.mac, self.partner.mac, queue, sequence, length)
         ):
             self.counters["corrupt"] += 1
@@ -721,7 +756,6 @@ class Guest:
         moved.memory = GuestMemory(memory, self.memory.iova, self.memory.next_free)
         moved.pairs = copy.deepcopy(self.pairs)
         moved.aq = copy.deepcopy(self.aq)
-        moved.expected = deque(self.expected)
         moved.counters = dict(self.counters)
         moved.rng = random.Random(self.rng.random())
         moved._connect_interrupts()

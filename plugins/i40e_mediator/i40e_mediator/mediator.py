@@ -56,8 +56,9 @@ device runs again.
 
 A TX ring is marked whole when it completed packets since the last settle (the PF's count of
 the VF's transmitted packets moved; a completion writes descriptors back), when its context
-changed (old and new ring) and when it faulted. The admin-transmit ring is marked whole at every
-report and around every configuration write, while it is enabled; the admin-receive ring is a
+changed (old and new ring) and when it faulted. The admin-transmit ring is marked whole when ATQH
+moved (or the ring changed) since the mediator last looked, at every report and around every
+configuration write; the admin-receive ring is a
 receive ring like the others (the device writes the PF's replies and events into its posted
 buffers within the ATQT, ARQT and resuming writes).
 
@@ -168,6 +169,7 @@ class I40eHandle:
         self.lock = threading.Lock()
         self.log: Any = None
         self.rings: dict[object, _PostedRing] = {}
+        self.atq_seen: tuple[int, int, bool, int] | None = None
         self.state_view = b""
 
     def __repr__(self) -> str:
@@ -309,8 +311,17 @@ class I40eHandle:
         return rings
 
     def mark_admin_transmit_ring(self) -> None:
-        """Mark the admin-transmit ring, where the device writes completed commands back."""
+        """Mark the admin-transmit ring when the device completed commands on it since the
+        last look (ATQH moved: a completion writes its descriptor back first) or it changed.
+        One write or resume completes at most ``length - 1`` commands and every trapped write
+        looks before and after, so the head cannot come round to where it was unseen."""
         base, length, enabled = self._admin_ring(r.VF_ATQBAL, r.VF_ATQBAH, r.VF_ATQLEN)
+        now = (base, length, enabled, self._register(r.VF_ATQH) & r.AQ_HEAD_MASK)
+        seen, self.atq_seen = self.atq_seen, now
+        if now == seen:
+            return
+        if seen is not None and seen[2]:
+            self.log.mark(seen[0], seen[1] * r.AQ_DESC_SIZE)
         if enabled:
             self.log.mark(base, length * r.AQ_DESC_SIZE)
 
@@ -318,6 +329,8 @@ class I40eHandle:
         """Remember what is posted now; nothing is marked until the device takes it."""
         self.log = log
         self.rings = {}
+        base, length, enabled = self._admin_ring(r.VF_ATQBAL, r.VF_ATQBAH, r.VF_ATQLEN)
+        self.atq_seen = (base, length, enabled, self._register(r.VF_ATQH) & r.AQ_HEAD_MASK)
         for key in self.keys:
             ring = self.ring(key)
             posted = _PostedRing(ring.generation, tx_ring=ring.tx_ring, tx_done=ring.tx_done)
@@ -333,6 +346,7 @@ class I40eHandle:
     def forget(self) -> None:
         """The device is about to forget its rings: mark everything remembered."""
         self.mark_admin_transmit_ring()
+        self.atq_seen = None
         for posted in self.rings.values():
             self.log.mark(*posted.tx_ring)
             self._mark(posted.entries)

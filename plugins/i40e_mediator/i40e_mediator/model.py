@@ -59,8 +59,9 @@ from . import registers as r
 from .adminq import AdminQueue, Message
 from .offload import tx_offload
 from .pf import PfResponder, PortState
+from .ports import attach_port
 from .state import QueueState, VfState
-from .switch import SWITCH, Switch, SwitchPort
+from .switch import SWITCH, Switch
 
 __all__ = ["MODEL_NAME", "I40eVf", "create", "spec"]
 
@@ -238,8 +239,7 @@ class I40eVf:
         self._running = True
         self._rstat = r.VFR_VFACTIVE
         self.stats = [0] * STATS_COUNT
-        self.port: SwitchPort = switch.attach(_weak_deliver(self))
-        weakref.finalize(self, self.port.detach)
+        self.port = attach_port(switch, self, _weak_deliver(self))
         self.name = f"i40e-vf port {self.port.number}"
         self.aq = AdminQueue(self)
         self.pf = PfResponder(self, self.port.mac)

@@ -6,7 +6,8 @@ none and resets the VF. Implemented: VERSION (1.1), GET_VF_RESOURCES (one SR-IOV
 model's queue pairs, its vectors, the port's MAC, plain L2 only), CONFIG_VSI_QUEUES,
 CONFIG_IRQ_MAP, ENABLE_QUEUES / DISABLE_QUEUES (a LINK_CHANGE up event follows every enable),
 ADD_ETH_ADDR / DEL_ETH_ADDR, CONFIG_PROMISCUOUS_MODE, GET_STATS, RESET_VF. Every other opcode
-is answered NOT_SUPPORTED; a message of the wrong length, a wrong VSI id, a queue or vector out
+is answered NOT_SUPPORTED (opcodes 0 and EVENT are ignored: a reply naming 0 would end iavf's
+drain of the receive queue, one naming EVENT would read as an event); a message of the wrong length, a wrong VSI id, a queue or vector out
 of range or a ring the device cannot reach ERR_PARAM, with a log line at INFO (``-v``).
 
 The filters (unicast and multicast addresses, promiscuous flags) are the VF's switch-port
@@ -76,6 +77,10 @@ class PfResponder:
 
     def request(self, opcode: int, payload: bytes) -> bool:
         """Answer one request; ``True`` for RESET_VF (the reset follows its completion)."""
+        if opcode in (vc.OP_UNKNOWN, vc.OP_EVENT):
+            # A reply naming opcode 0 ends iavf's ARQ drain, one naming EVENT reads as an event.
+            logger.info("%s: virtchnl opcode %d ignored (no reply can name it)", self.vf.name, opcode)
+            return False
         fits = vc.request_length_ok(opcode, payload)
         if fits is None:
             self._refuse(opcode, vc.STATUS_ERR_NOT_SUPPORTED, "opcode not supported")
