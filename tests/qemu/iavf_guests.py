@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,6 +40,7 @@ for module in MODULES; do insmod /lib/modules/$module.ko || echo "insmod $module
 ip link set lo up
 stty -F /dev/ttyS0 -echo -onlcr
 echo GUEST-SHELL-READY > /dev/ttyS0
+export PS1= PS2=
 exec sh </dev/ttyS0 >/dev/ttyS0 2>&1
 """
 
@@ -73,11 +75,18 @@ class Guest:
     """One running guest: its QEMU process, its shell and its kernel log."""
 
     def __init__(
-        self, provisioner: ModuleType, root: Any, name: str, initramfs: str, socket_in_root: str
+        self,
+        provisioner: ModuleType,
+        root: Any,
+        name: str,
+        initramfs: str,
+        socket_in_root: str,
+        context: Callable[[], str] = str,
     ) -> None:
         self.name = name
+        self._context = context
         shared = provisioner.shared_dir(root)
-        self.kernel_log_path = shared / f"kernel-{name}-{os.getpid()}.txt"
+        self.kernel_log_path: Path = shared / f"kernel-{name}-{os.getpid()}.txt"
         self.kernel_log_path.unlink(missing_ok=True)
         device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_in_root}}
         argv = [
@@ -112,6 +121,9 @@ class Guest:
                 self._output += chunk
                 self._arrived.notify_all()
 
+    def _explain(self) -> str:
+        return f"kernel log (end):\n{self.kernel_log()[-6000:]}\n{self._context()}"
+
     def _wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float) -> re.Match[bytes]:
         deadline = time.monotonic() + timeout
         with self._arrived:
@@ -124,7 +136,7 @@ class Guest:
                     raise GuestError(
                         f"{self.name}: waited {timeout:.0f} s for {pattern.pattern!r}\n"
                         f"console: {self._output[start:].decode(errors='replace')[-3000:]}\n"
-                        f"kernel log (end):\n{self.kernel_log()[-6000:]}"
+                        + self._explain()
                     )
                 self._arrived.wait(left)
 
@@ -149,7 +161,7 @@ class Guest:
         if check and found.group(1) != b"0":
             raise GuestError(
                 f"{self.name}: `{command}` exited {found.group(1).decode()}:\n{output}\n"
-                f"kernel log (end):\n{self.kernel_log()[-6000:]}"
+                + self._explain()
             )
         return output
 
@@ -217,6 +229,10 @@ class Server:
     def log_text(self) -> str:
         """What the server logged so far."""
         return self.log.read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        """The end of the server's log, to explain a guest's failure."""
+        return "server log (end):\n" + self.log_text()[-4000:]
 
     def stop(self) -> int:
         """Stop it the way a user does (SIGINT); its exit status."""
