@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,20 @@ PORT = 5015
 LINK_TIMEOUT = 90.0  # iavf's init is a watchdog state machine; slow under TCG
 
 
-class Pair(NamedTuple):
+@dataclass
+class Pair:
+    """The server, the two guests, and how far the checks got (later checks need the link
+    the first one brings up: they fail at once without it rather than time out again)."""
+
     server: Server
     guests: tuple[Guest, Guest]
+    interfaces: dict[str, str] = field(default_factory=dict)  # guest name -> iavf interface
+    linked: bool = False
+
+    def up(self) -> None:
+        """Fail unless the first check brought the link up in both guests."""
+        if not self.linked:
+            pytest.fail("the VFs never linked up (see test_iavf_binds_and_reports_link_up_in_both)")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,8 @@ def pair(
             path.unlink(missing_ok=True)
 
 
-def interface(guest: Guest) -> str:
-    """The guest's iavf interface (the one whose driver is iavf)."""
+def find_interface(guest: Guest) -> str:
+    """The guest's iavf interface (the one whose driver is iavf), once iavf registered it."""
     return guest.wait_until(
         "for n in /sys/class/net/*; do "
         '[ "$(basename $(readlink $n/device/driver) 2>/dev/null)" = iavf ] && basename $n; '
@@ -73,16 +85,21 @@ def interface(guest: Guest) -> str:
 
 def test_iavf_binds_and_reports_link_up_in_both(pair: Pair) -> None:
     for guest, address in zip(pair.guests, ADDRESSES, strict=True):
-        name = interface(guest)
+        name = pair.interfaces[guest.name] = find_interface(guest)
         guest.run(f"ip addr add {address}/24 dev {name} && ip link set {name} up")
     for guest in pair.guests:
-        name = interface(guest)
+        name = pair.interfaces[guest.name]
         guest.wait_until(f"grep -qx 1 /sys/class/net/{name}/carrier", timeout=LINK_TIMEOUT)
-        assert "NIC Link is Up" in guest.run("dmesg"), guest.kernel_log()
+        log = guest.run("dmesg")
+        assert "NIC Link is Up" in log, log
+        assert "using random" not in log, log  # iavf took the VF's default MAC
+    # each VF's MAC is its switch port's default: distinct, locally administered
     macs = {
-        guest.run(f"cat /sys/class/net/{interface(guest)}/address").strip() for guest in pair.guests
+        guest.run(f"cat /sys/class/net/{pair.interfaces[guest.name]}/address").strip()
+        for guest in pair.guests
     }
-    assert len(macs) == 2, macs  # distinct default MACs, neither random nor shared
+    assert macs == {"02:76:66:00:00:00", "02:76:66:00:00:01"}, macs
+    pair.linked = True
 
 
 def ping(source: Guest, destination: str) -> None:
@@ -92,6 +109,7 @@ def ping(source: Guest, destination: str) -> None:
 
 
 def test_ping_both_ways(pair: Pair) -> None:
+    pair.up()
     first, second = pair.guests
     ping(first, ADDRESSES[1])
     ping(second, ADDRESSES[0])
@@ -102,6 +120,7 @@ def sha256(guest: Guest, path: str) -> str:
 
 
 def test_tcp_transfer_of_1_mib_arrives_intact(pair: Pair) -> None:
+    pair.up()
     sender, receiver = pair.guests
     sender.run("dd if=/dev/urandom of=/tmp/blob bs=1024 count=1024 2>/dev/null")
     sent = sha256(sender, "/tmp/blob")
@@ -117,9 +136,10 @@ def test_tcp_transfer_of_1_mib_arrives_intact(pair: Pair) -> None:
 
 
 def test_mtu_change_resets_the_vf_and_traffic_resumes(pair: Pair) -> None:
+    pair.up()
     first, second = pair.guests
     for guest in pair.guests:
-        name = interface(guest)
+        name = pair.interfaces[guest.name]
         lines = int(guest.run("dmesg | wc -l"))
         guest.run(f"ip link set {name} mtu 1400")
         # iavf resets the VF for a new MTU and reports the link up again once it is back
