@@ -1,0 +1,118 @@
+"""virtchnl, the VF-to-PF message protocol of Intel's Ethernet VFs: opcodes, status codes,
+capability bits and message layouts (Linux ``include/linux/avf/virtchnl.h``, version 1.1).
+
+A message travels in an admin queue buffer; its opcode rides in the descriptor's
+``cookie_high`` and its status in ``cookie_low``. The device model answers as the PF
+(``pf.PfResponder``), the guest driver asks as iavf does (``guest``): both use these layouts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = [
+    "EVENT",
+    "ETHER_ADDR",
+    "ETH_STATS",
+    "QUEUE_PAIR",
+    "QUEUE_SELECT",
+    "VECTOR_MAP",
+    "VERSION",
+    "VF_RESOURCE",
+    "VSI_RESOURCE",
+    "request_length_ok",
+]
+
+VERSION_MAJOR = 1
+VERSION_MINOR = 1
+
+# -- opcodes (enum virtchnl_ops) --------------------------------------------------------------
+OP_UNKNOWN = 0
+OP_VERSION = 1
+OP_RESET_VF = 2
+OP_GET_VF_RESOURCES = 3
+OP_CONFIG_TX_QUEUE = 4
+OP_CONFIG_RX_QUEUE = 5
+OP_CONFIG_VSI_QUEUES = 6
+OP_CONFIG_IRQ_MAP = 7
+OP_ENABLE_QUEUES = 8
+OP_DISABLE_QUEUES = 9
+OP_ADD_ETH_ADDR = 10
+OP_DEL_ETH_ADDR = 11
+OP_ADD_VLAN = 12
+OP_CONFIG_PROMISCUOUS_MODE = 14
+OP_GET_STATS = 15
+OP_EVENT = 17
+OP_CONFIG_RSS_KEY = 23
+OP_GET_OFFLOAD_VLAN_V2_CAPS = 51
+
+# -- status (enum virtchnl_status_code, in cookie_low) ----------------------------------------
+STATUS_SUCCESS = 0
+STATUS_ERR_PARAM = -5
+STATUS_ERR_NO_MEMORY = -18
+STATUS_ERR_NOT_SUPPORTED = -64
+
+# -- capabilities (vf_cap_flags) ---------------------------------------------------------------
+CAP_L2 = 0x0000_0001
+CAPS_IMPLEMENTED = CAP_L2
+"""What the model grants of what a VF asks: plain L2 (no RSS, VLAN, WB_ON_ITR, ... offloads)."""
+
+VSI_TYPE_SRIOV = 6
+
+# -- events (virtchnl_pf_event) -----------------------------------------------------------------
+EVENT_LINK_CHANGE = 1
+EVENT_RESET_IMPENDING = 2
+LINK_SPEED_10GB = 0x8  # the legacy link speed enum (no ADV_LINK_SPEED)
+
+PROMISC_UNICAST = 1 << 0
+PROMISC_MULTICAST = 1 << 1
+
+ETHER_ADDR_TYPE_MASK = 0x7F
+
+# -- layouts ------------------------------------------------------------------------------------
+VERSION = struct.Struct("<II")  # major, minor
+CAPS = struct.Struct("<I")
+VF_RESOURCE = struct.Struct("<HHHHIII")  # num_vsis, queue pairs, max_vectors, max_mtu, caps, rss
+VSI_RESOURCE = struct.Struct("<HHiH6s")  # vsi_id, queue pairs, vsi_type, qset_handle, mac
+VSI_QUEUE_CONFIG = struct.Struct("<HHI")  # vsi_id, num_queue_pairs, pad
+QUEUE_PAIR = struct.Struct("<HHHHQQ" "HHIHHIIBBBBQiI")  # txq_info (24) + rxq_info (40)
+IRQ_MAP = struct.Struct("<H")  # num_vectors
+VECTOR_MAP = struct.Struct("<HHHHHH")  # vsi_id, vector_id, rxq_map, txq_map, rx/tx itr index
+QUEUE_SELECT = struct.Struct("<HHII")  # vsi_id, pad, rx_queues, tx_queues
+ETHER_LIST = struct.Struct("<HH")  # vsi_id, num_elements
+ETHER_ADDR = struct.Struct("<6sBx")  # addr, type
+PROMISC = struct.Struct("<HH")  # vsi_id, flags
+ETH_STATS = struct.Struct("<12Q")
+EVENT = struct.Struct("<iIB3xi")  # event, link_speed, link_status, severity
+
+
+def request_length_ok(opcode: int, message: bytes) -> bool | None:
+    """Whether ``message`` has the length its opcode's layout needs (the PF's
+    ``virtchnl_vc_validate_vf_msg``); ``None`` for an opcode the model does not implement."""
+    length = len(message)
+    if opcode == OP_VERSION:
+        return length == VERSION.size
+    if opcode == OP_RESET_VF:
+        return length == 0
+    if opcode == OP_GET_VF_RESOURCES:
+        return length in (0, CAPS.size)
+    if opcode == OP_CONFIG_VSI_QUEUES:
+        if length < VSI_QUEUE_CONFIG.size:
+            return False
+        count = VSI_QUEUE_CONFIG.unpack_from(message)[1]
+        return count > 0 and length == VSI_QUEUE_CONFIG.size + count * QUEUE_PAIR.size
+    if opcode == OP_CONFIG_IRQ_MAP:
+        if length < IRQ_MAP.size:
+            return False
+        count = IRQ_MAP.unpack_from(message)[0]
+        return count > 0 and length == IRQ_MAP.size + count * VECTOR_MAP.size
+    if opcode in (OP_ENABLE_QUEUES, OP_DISABLE_QUEUES, OP_GET_STATS):
+        return length == QUEUE_SELECT.size
+    if opcode in (OP_ADD_ETH_ADDR, OP_DEL_ETH_ADDR):
+        if length < ETHER_LIST.size:
+            return False
+        count = ETHER_LIST.unpack_from(message)[1]
+        return count > 0 and length == ETHER_LIST.size + count * ETHER_ADDR.size
+    if opcode == OP_CONFIG_PROMISCUOUS_MODE:
+        return length == PROMISC.size
+    return None
