@@ -4,8 +4,8 @@
 Each guest is QEMU (q35, TCG, guest RAM in a shared memfd) booting the provisioned Debian kernel
 with a busybox initramfs that holds the kernel's own ``libie``, ``libeth`` and ``iavf`` modules.
 Its first serial port is a shell on QEMU's stdin/stdout: ``Guest.run`` sends a command line and
-returns what it printed once its exit status arrives. The kernel's console is the second serial
-port, a file: the guest's kernel log even when the shell no longer answers.
+returns what it printed once its exit status arrives. The kernel's console (warnings and worse)
+is the second serial port, a file: it explains a guest whose shell no longer answers.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp
 for module in MODULES; do insmod /lib/modules/$module.ko || echo "insmod $module failed"; done
 ip link set lo up
-stty -F /dev/ttyS0 -echo -onlcr
-echo GUEST-SHELL-READY > /dev/ttyS0
+# The shell holds the serial port open from here on, so no command sent after the banner is lost.
 export PS1= PS2=
-exec sh </dev/ttyS0 >/dev/ttyS0 2>&1
+exec sh -c 'stty -echo -onlcr; echo GUEST-SHELL-READY; exec sh' </dev/ttyS0 >/dev/ttyS0 2>&1
 """
 
 
@@ -94,7 +93,7 @@ class Guest:
             "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
             "-display", "none", "-nodefaults", "-no-reboot",
             "-kernel", root.kernel, "-initrd", initramfs,
-            "-append", "console=ttyS1 loglevel=6 panic=-1",
+            "-append", "console=ttyS1 loglevel=4 panic=-1",
             "-serial", "stdio",
             "-serial", f"file:/run/vfio-mediate/{self.kernel_log_path.name}",
             "-device", json.dumps(device),
