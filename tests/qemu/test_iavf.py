@@ -3,8 +3,8 @@
 
 Both guests boot once for the module; the checks run in order in those boots: iavf binds and
 reports link up, ping both ways, 1 MiB over TCP (TX checksum offload and TSO) checked by hash
-on both sides, an MTU change (a VF reset in iavf) then ping again, and a server log without a
-traceback.
+on both sides, an MTU change (a VF reset in iavf) then ping again, a driver that never
+complained, and a server log without a traceback.
 """
 
 from __future__ import annotations
@@ -155,6 +155,28 @@ def test_mtu_change_resets_the_vf_and_traffic_resumes(pair: Pair) -> None:
     # a full-size frame of the new MTU crosses too (1400 - 28 bytes of IP and ICMP headers)
     output = first.run(f"ping -c 3 -s 1372 -W 2 {ADDRESSES[1]}")
     assert " 0% packet loss" in output, output
+
+
+# What iavf prints when the device answers wrong, late or not at all.
+DRIVER_COMPLAINTS = (
+    "PF returned error",  # a request refused
+    "Expected response",  # a reply to another request
+    "Admin queue timeout",
+    "Admin queue command never completed",
+    "Never saw reset",
+    "Reset never finished",
+    "Hardware reset detected",  # ARQLEN's enable bit dropped without a reset asked for
+    "timed out",  # the netdev TX watchdog
+)
+
+
+def test_iavf_never_complained(pair: Pair) -> None:
+    for guest in pair.guests:
+        log = guest.run("dmesg")
+        complaints = [
+            line for line in log.splitlines() if any(c in line for c in DRIVER_COMPLAINTS)
+        ]
+        assert not complaints, f"{guest.name}:\n" + "\n".join(complaints)
 
 
 def test_server_log_has_no_traceback(pair: Pair) -> None:
