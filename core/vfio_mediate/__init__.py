@@ -48,6 +48,7 @@ from ._registry import (
 )
 from ._rules import Rule
 from ._spec import BarSpec, DeviceSpec, MsixSpec, load_spec
+from ._vfio import VfioContainer, VfioDeviceError, VfioPciDevice, is_pci_address
 
 __all__ = [
     "ARCS",
@@ -95,12 +96,16 @@ __all__ = [
     "RegistryError",
     "RemoteMemory",
     "Rule",
+    "VfioContainer",
+    "VfioDeviceError",
+    "VfioPciDevice",
     "Trigger",
     "VfioMediateError",
     "Workload",
     "anonymous_memory",
     "bitmap_pages",
     "create_device",
+    "is_pci_address",
     "create_from_model",
     "discover_device_models",
     "find_workload",

@@ -12,7 +12,7 @@ from typing import Any, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._dirty import DirtyLog
-from ._dma import DmaSpace
+from ._dma import DmaMapping, DmaSpace
 from ._errors import AccessError, ContractViolation, DeviceStateError, MigrationError
 from ._migration import SAVING_ARCS, migration_path
 from ._registry import MediatorRegistry, PluginRecord
@@ -519,8 +519,80 @@ class MediatedDevice:
         return self.backend.irq_info(index)
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
-        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        self.backend.set_irq_triggers(index, start, triggers)
+        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward.
+
+        For a backend with ``direct_irqs`` (a device bound to vfio-pci), a trigger with a
+        ``fileno()`` (the client's eventfd) goes to the backend as that eventfd, so the kernel
+        signals it; a vector the mediator observes (``mediator_irq_observe``) gets a relay
+        instead, which calls ``mediator_irq`` and then the trigger.
+        """
+        if not getattr(self.backend, "direct_irqs", False):
+            self.backend.set_irq_triggers(index, start, triggers)
+            return
+        observed = self._observed_vectors(index)
+        if all(t is None or hasattr(t, "fileno") for t in triggers) and not observed.intersection(
+            range(start, start + len(triggers))
+        ):
+            fds = [-1 if t is None else t.fileno() for t in triggers]  # type: ignore[attr-defined]
+            self.backend.set_irq_eventfds(index, start, fds)
+            return
+        self.backend.set_irq_triggers(
+            index,
+            start,
+            [
+                self._observer(index, vector, t) if t is not None and vector in observed else t
+                for vector, t in enumerate(triggers, start)
+            ],
+        )
+
+    def _observed_vectors(self, index: int) -> frozenset[int]:
+        with self._lock:
+            if "mediator_irq_observe" not in self._hooks or not self._opens:
+                return frozenset()
+            answer = self._call_strict("mediator_irq_observe", index)
+        if answer is None:
+            return frozenset()
+        try:
+            return frozenset(int(v) for v in answer)
+        except (TypeError, ValueError):
+            raise self._violation(
+                Rule.ACCESS_ERRORS, f"mediator_irq_observe returned {answer!r}"
+            ) from None
+
+    def _observer(self, index: int, vector: int, trigger: Trigger) -> Trigger:
+        hook, handle = self._hooks.get("mediator_irq"), self._handle
+
+        def observed() -> None:
+            if hook is not None:
+                try:
+                    if hook(handle, index, vector) is False:
+                        return
+                except Exception:
+                    logger.exception("%s: mediator_irq raised", self.name)
+            trigger()
+
+        return observed
+
+    # -- DMA: the backend owns it (a real device maps into its IOMMU) --------------------
+
+    def dma_map(
+        self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device client memory (the caller keeps ``fd``); see ``DeviceBackend``."""
+        return self.backend.dma_map(iova, size, fd, offset, readable=readable, writable=writable)
+
+    def dma_map_remote(
+        self, iova: int, size: int, remote: Any, *, readable: bool = True, writable: bool = True
+    ) -> DmaMapping:
+        """Give the device memory reached by messages (a real device refuses: ``ENOTSUP``)."""
+        return self.backend.dma_map_remote(
+            iova, size, remote, readable=readable, writable=writable
+        )
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Take back a mapping (for a real device: out of the IOMMU first)."""
+        self.backend.dma_unmap(iova, size)
 
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index``."""

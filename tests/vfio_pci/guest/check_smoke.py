@@ -1,0 +1,3 @@
+def test_imports():
+    import vfio_mediate
+    assert vfio_mediate.VfioPciDevice
