@@ -99,6 +99,8 @@ _libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
 ]  # fmt: skip
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p]
+_libc.ioctl.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -466,21 +468,20 @@ class VfioPciDevice:
         self._own_container = container is None
         self.container = container if container is not None else VfioContainer(dev)
         self.fd = -1
+        self._attached = False
         self._closed = False
         self._relay = _IrqRelay(self.name)
         self._relayed: dict[tuple[int, int], int] = {}
         try:
             group_fd = self.container.attach_group(self.group, sysfs)
-            try:
-                self.fd = _ioctl(
-                    group_fd,
-                    GROUP_GET_DEVICE_FD,
-                    self.address.encode() + b"\0",
-                    "VFIO_GROUP_GET_DEVICE_FD",
-                )
-            except AccessError:
-                self.container.release_group(self.group)
-                raise
+            self._attached = True
+            # The name goes by address: with a bytes argument ioctl returns bytes, not the fd.
+            # The name goes by pointer (a bytes argument to fcntl.ioctl returns bytes).
+            fd = _libc.ioctl(group_fd, GROUP_GET_DEVICE_FD, self.address.encode())
+            if fd < 0:
+                code = ctypes.get_errno()
+                raise AccessError(code, f"VFIO_GROUP_GET_DEVICE_FD: {os.strerror(code)}")
+            self.fd = fd
             self._info = self._device_info()
             self._regions = [self._region_info(index) for index in range(self._info.num_regions)]
             self._irqs = [self._irq_info(index) for index in range(self._info.num_irqs)]
@@ -713,6 +714,8 @@ class VfioPciDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._attached:
+            self._attached = False
             self.container.release_group(self.group)
         if self._own_container:
             self.container.close()

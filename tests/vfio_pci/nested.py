@@ -16,6 +16,7 @@ group is not viable.
 
 from __future__ import annotations
 
+import importlib.util
 import lzma
 import os
 import shutil
@@ -30,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+SCRIPT = CHECKOUT / "scripts" / "provision_qemu.py"
 GUEST_DIR = CHECKOUT / "tests" / "vfio_pci" / "guest"
 CHECKOUT_IN_ROOT = "/mnt/checkout"
 KVER = "6.12.117+deb13-amd64"
@@ -90,6 +92,15 @@ class GuestRun:
             f"{self.problem}\n--- guest log (tail) ---\n{self.guest_log[-4000:]}\n"
             f"--- serial (tail) ---\n{self.serial[-2000:]}"
         )
+
+
+def load_provisioner() -> ModuleType:
+    """scripts/provision_qemu.py, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("provision_qemu", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _modules(prov: Any) -> dict[str, bytes]:

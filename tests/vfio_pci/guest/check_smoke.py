@@ -1,3 +1,0 @@
-def test_imports():
-    import vfio_mediate
-    assert vfio_mediate.VfioPciDevice
