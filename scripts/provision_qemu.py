@@ -598,10 +598,15 @@ def _install_guest_python(root: Path, log: Path, *, verbose: bool, step: Any) ->
         _chroot_argv(
             root,
             [
-                "apt-get", "-o", "Dpkg::Use-Pty=0", "install", "-y", "--no-install-recommends",
+                "apt-get",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "install",
+                "-y",
+                "--no-install-recommends",
                 *GUEST_PYTHON_PACKAGES,
             ],
-        ),  # fmt: skip
+        ),
         log,
         "installing the guest's Python packages",
         verbose=verbose,
@@ -630,9 +635,7 @@ def _add_packages(prov: Provision, log: Path, *, verbose: bool) -> Provision:
             hint="is the Debian mirror reachable?",
         )
         _install_guest_python(prov.root, log, verbose=verbose, step=step)
-        _run_logged(
-            _chroot_argv(prov.root, [*apt_get, "clean"]), log, "apt-get clean", env=APT_ENV
-        )
+        _run_logged(_chroot_argv(prov.root, [*apt_get, "clean"]), log, "apt-get clean", env=APT_ENV)
     _unmount_all_under(prov.root)
     _write_stamp(prov)
     step("done")

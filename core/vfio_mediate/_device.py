@@ -229,7 +229,13 @@ class MediatedDevice:
         self._infos = {}
         self._stream = None
         if self._log is not None:
-            self._call_quietly("mediator_dma_logging_stop")
+            if self.dma_logging_source == "mediator":
+                self._call_quietly("mediator_dma_logging_stop")
+            else:
+                try:
+                    self.backend.dirty_stop()  # type: ignore[attr-defined]
+                except OSError as exc:
+                    logger.warning("%s: stopping IOMMU dirty tracking: %s", self.name, exc)
             self._log = None
         self._record, self._handle, self._hooks = None, None, {}
         if record is not None:
@@ -586,9 +592,7 @@ class MediatedDevice:
         self, iova: int, size: int, remote: Any, *, readable: bool = True, writable: bool = True
     ) -> DmaMapping:
         """Give the device memory reached by messages (a real device refuses: ``ENOTSUP``)."""
-        return self.backend.dma_map_remote(
-            iova, size, remote, readable=readable, writable=writable
-        )
+        return self.backend.dma_map_remote(iova, size, remote, readable=readable, writable=writable)
 
     def dma_unmap(self, iova: int, size: int) -> None:
         """Take back a mapping (for a real device: out of the IOMMU first)."""
@@ -730,12 +734,16 @@ class MediatedDevice:
         """Start logging DMA writes of ``ranges`` at ``page_size`` granularity."""
         with self._lock:
             self._require_open()
-            if self._hooks.get("mediator_dma_logging_start") is None:
+            source = self.dma_logging_source
+            if source is None:
                 raise AccessError(errno.ENOTTY, f"{self.name} cannot log dirty pages")
             if self._log is not None:
                 raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
             log = DirtyLog(page_size, ranges)
-            self._call_strict("mediator_dma_logging_start", log)
+            if source == "mediator":
+                self._call_strict("mediator_dma_logging_start", log)
+            else:
+                self.backend.dirty_start()  # type: ignore[attr-defined]
             self._log = log
             return log
 
@@ -745,7 +753,14 @@ class MediatedDevice:
             log = self._log
             if log is None:
                 raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
-            self._call_strict("mediator_dma_logging_report", log, iova, length)
+            if self.dma_logging_source == "mediator":
+                self._call_strict("mediator_dma_logging_report", log, iova, length)
+            else:
+                # type1 reports per mapping: every pinned page, an honest over-report
+                for start, dirty in self.backend.dirty_report(iova, length):  # type: ignore[attr-defined]
+                    for page in range(len(dirty) * 8):
+                        if dirty[page // 8] >> (page % 8) & 1:
+                            log.mark(start + page * PAGE_SIZE, PAGE_SIZE)
             return log.report(iova, length, page_size)
 
     def dma_logging_stop(self) -> None:
@@ -754,12 +769,26 @@ class MediatedDevice:
             if self._log is None:
                 raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
             self._log = None
-            self._call_strict("mediator_dma_logging_stop")
+            if self.dma_logging_source == "mediator":
+                self._call_strict("mediator_dma_logging_stop")
+            else:
+                self.backend.dirty_stop()  # type: ignore[attr-defined]
+
+    @property
+    def dma_logging_source(self) -> str | None:
+        """Who logs dirty pages: ``"mediator"`` (its ``mediator_dma_logging_*`` hooks),
+        ``"iommu"`` (a device bound to vfio-pci without them: type1's container dirty tracking,
+        which reports every pinned page), or ``None``."""
+        if self._hooks.get("mediator_dma_logging_start") is not None:
+            return "mediator"
+        if self._opens and getattr(self.backend, "iommu_dirty_tracking", False):
+            return "iommu"
+        return None
 
     @property
     def dma_logging_supported(self) -> bool:
-        """Whether the winning mediator can log dirty pages (``mediator_dma_logging_start``)."""
-        return self._hooks.get("mediator_dma_logging_start") is not None
+        """Whether dirty pages can be logged (by the mediator or the IOMMU)."""
+        return self.dma_logging_source is not None
 
     @property
     def dma_logging(self) -> bool:

@@ -429,9 +429,7 @@ class EmulatedPciDevice:
     def set_irq_eventfds(self, index: int, start: int, fds: Sequence[int]) -> None:
         """Signal eventfds (``-1`` unsets a vector) from the device's triggers; the caller
         keeps ownership of the fds."""
-        self.set_irq_triggers(
-            index, start, [None if fd < 0 else _EventfdSignal(fd) for fd in fds]
-        )
+        self.set_irq_triggers(index, start, [None if fd < 0 else _EventfdSignal(fd) for fd in fds])
 
     def dma_map(
         self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,

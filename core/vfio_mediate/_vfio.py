@@ -20,7 +20,7 @@ import re
 import select
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, final
 
@@ -30,7 +30,6 @@ from ._errors import AccessError, DeviceSpecError
 from .uapi import (
     PCI_NUM_REGIONS,
     DeviceInfo,
-    IrqIndex,
     IrqInfo,
     IrqSetFlag,
     RegionIndex,
@@ -133,7 +132,9 @@ def _ioctl(fd: int, request: int, arg: Any = 0, what: str = "") -> Any:
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as exc:
-        raise AccessError(exc.errno or errno.EIO, f"{what or hex(request)}: {exc.strerror}") from None
+        raise AccessError(
+            exc.errno or errno.EIO, f"{what or hex(request)}: {exc.strerror}"
+        ) from None
 
 
 def _driver(device_dir: Path) -> str | None:
@@ -218,7 +219,9 @@ class VfioContainer:
                         f"{path} is held by another process (a serve or probe of a device in "
                         f"IOMMU group {group}); stop it first",
                     ) from None
-                raise VfioDeviceError(exc.errno or errno.EIO, f"cannot open {path}: {exc}") from None
+                raise VfioDeviceError(
+                    exc.errno or errno.EIO, f"cannot open {path}: {exc}"
+                ) from None
             try:
                 status = bytearray(8)
                 struct.pack_into("=II", status, 0, 8, 0)
@@ -614,7 +617,9 @@ class VfioPciDevice:
         """The device fd at region offset + area offset: the client maps the real BAR."""
         info = self._regions[index]
         if not any(a.offset <= offset and offset + length <= a.end for a in info.mmap_areas()):
-            raise AccessError(errno.EINVAL, f"{self.name}: region {index} {offset:#x} not mmap-able")
+            raise AccessError(
+                errno.EINVAL, f"{self.name}: region {index} {offset:#x} not mmap-able"
+            )
         return RegionMapping(self.fd, info.file_offset + offset)
 
     def irq_info(self, index: int) -> IrqInfo:
@@ -702,6 +707,28 @@ class VfioPciDevice:
         """IOMMU first, then the server's view."""
         self.container.unmap_dma(iova, size)
 
+    # -- dirty tracking (no mediator hooks, no kernel DMA logging here: type1's) --------------
+
+    iommu_dirty_tracking = True
+    """type1's ``VFIO_IOMMU_DIRTY_PAGES``: every pinned page is reported dirty."""
+
+    def dirty_start(self) -> None:
+        """Start the container's dirty tracking."""
+        self.container.dirty_start()
+
+    def dirty_stop(self) -> None:
+        """Stop it."""
+        self.container.dirty_stop()
+
+    def dirty_report(self, iova: int, length: int) -> list[tuple[int, bytes]]:
+        """``(mapping iova, bitmap)`` of every IOMMU mapping that meets ``[iova, iova+length)``
+        (type1 reports whole mappings only)."""
+        return [
+            (start, self.container.dirty_bitmap(start, size))
+            for start, size in self.container.mappings
+            if start < iova + length and iova < start + size
+        ]
+
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -753,6 +780,3 @@ def open_vfio_device(
 ) -> VfioPciDevice:
     """Open the device at PCI ``address`` through ``/dev/vfio`` (``container``: share one)."""
     return VfioPciDevice(address, name=name, container=container)
-
-
-

@@ -118,10 +118,19 @@ def install_project(target: Path) -> None:
         shutil.rmtree(target)
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-            "--no-build-isolation", "--no-compile", "--target", str(target),
-            str(CHECKOUT), str(CHECKOUT / "plugins" / "null_mediator"),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(CHECKOUT),
+            str(CHECKOUT / "plugins" / "null_mediator"),
+        ],
         check=True,
         capture_output=True,
         text=True,

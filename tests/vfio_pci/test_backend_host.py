@@ -56,7 +56,7 @@ def test_no_such_device_says_where_to_look(tmp_path: Path) -> None:
 
 def test_no_iommu_says_how_to_enable_it(tmp_path: Path) -> None:
     fake_device(tmp_path, "0000:03:00.0", group=None, driver="e1000e")
-    with pytest.raises(VfioDeviceError, match="no IOMMU for 0000:03:00.0.*intel_iommu=on"):
+    with pytest.raises(VfioDeviceError, match=r"no IOMMU for 0000:03:00\.0.*intel_iommu=on"):
         VfioPciDevice("0000:03:00.0", sysfs=tmp_path)
 
 

@@ -39,7 +39,8 @@ from vfio_mediate.server._client import VfioUserClient
 from vfio_mediate.uapi import IrqIndex, RegionFlag
 
 VF, VF2, E1000E, PF = "0000:01:10.0", "0000:01:10.2", "0000:00:02.0", "0000:01:00.0"
-BRIDGED = Path("/run/xchg/bridged.txt").read_text().split() if Path("/run/xchg/bridged.txt").exists() else []
+_BRIDGED = Path("/run/xchg/bridged.txt")
+BRIDGED = _BRIDGED.read_text().split() if _BRIDGED.exists() else []
 CLI = [sys.executable, "-c", "import sys; from vfio_mediate.cli import main; sys.exit(main())"]
 CONFIG = 7
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
@@ -115,6 +116,8 @@ def test_probe_json_of_a_vf() -> None:
     assert regions["BAR3"]["size"] == 16 << 10
     assert regions["CONFIG"]["size"] == 4096
     assert regions["VGA"]["size"] == 0 and regions["BAR1"]["size"] == 0
+    # no mediator hooks, no variant driver (VFIO_DEVICE_FEATURE answers ENOTTY): type1's
+    assert report["dirty_tracking"] == "iommu" and report["kernel_migration"] is False
 
 
 # -- 2. the served VF -----------------------------------------------------------------------
@@ -226,7 +229,8 @@ def test_mediator_sees_exactly_the_trapped_page_and_mapped_reads_equal_pread() -
         mapped = client.map_area(0, 2 * PAGE, 2 * PAGE)
         try:
             for offset in (0x0, 0x8, 0x100):
-                assert mapped[offset : offset + 4] == os.pread(served.backend.fd, 4, 2 * PAGE + offset)
+                pread = os.pread(served.backend.fd, 4, 2 * PAGE + offset)
+                assert mapped[offset : offset + 4] == pread
         finally:
             mapped.close()
         low = client.map_area(0, 0, PAGE)
@@ -341,6 +345,19 @@ def test_dma_map_without_fd_is_refused() -> None:
         assert served.backend.container.mappings == ()
 
 
+def test_dirty_logging_falls_back_to_type1_and_over_reports() -> None:
+    with Served(VF) as served:
+        client = served.client
+        memory = client.dma_map_memfd(IOVA, 1 << 20)
+        try:
+            client.dma_logging_start(PAGE, [(IOVA, 1 << 20)])
+            bitmap = client.dma_logging_report(IOVA, 1 << 20, PAGE)
+            assert sum(bin(b).count("1") for b in bitmap) == 256  # every pinned page
+            client.dma_logging_stop()
+        finally:
+            memory.close()
+
+
 # -- 5. containers, groups, serve's lifetime ----------------------------------------------------
 
 
@@ -435,3 +452,20 @@ def test_error_no_iommu(tmp_path: Path) -> None:
     with pytest.raises(VfioDeviceError) as caught:
         VfioPciDevice("0000:07:00.0", sysfs=tmp_path)
     assert "no IOMMU" in str(caught.value) and "intel_iommu=on" in str(caught.value)
+
+
+# -- 7. the benchmark (benchmarks/bench_vfio.py) runs here ----------------------------------------
+
+
+def test_benchmark_runs_against_a_vf() -> None:
+    bench = Path("/mnt/checkout/benchmarks/bench_vfio.py")
+    out = subprocess.run(
+        [sys.executable, str(bench), VF, "-n", "2000", "--json"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    Path("/run/xchg/bench.json").write_text(out.stdout)
+    assert (
+        results["BAR0 read mapped in the vfio-user client"] < results["BAR0 pread of the device fd"]
+    )
