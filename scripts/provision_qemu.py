@@ -16,7 +16,9 @@ Command line (stdout gets a JSON object with the paths, progress goes to stderr)
 The cache directory is ``--cache-dir``, else ``$VFIO_MEDIATE_CACHE``, else
 ``${XDG_CACHE_HOME:-~/.cache}/vfio-mediate``; the root is ``<cache>/trixie-root``. A stamp
 file written last marks a finished provision: with it present nothing is done; without it
-the root is taken as half-built and is unmounted, removed and rebuilt.
+the root is taken as half-built and is unmounted, removed and rebuilt. Packages added later
+(``GUEST_PYTHON_PACKAGES``: the guest's Python, to run the project inside a nested guest) are
+installed in place into a finished root whose stamp has an older ``additions`` number.
 
 Python API (load this file by path, e.g. with ``importlib.util.spec_from_file_location``)::
 

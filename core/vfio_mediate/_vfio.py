@@ -655,7 +655,8 @@ class VfioPciDevice:
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Callables as triggers: each vector gets an eventfd of its own that a relay thread
-        reads and turns into a call (the path of a vector a mediator observes)."""
+        reads and turns into a call (the path of a vector a mediator observes); a trigger with
+        a ``fileno()`` (an eventfd) is given to the kernel as it is."""
         fds: list[int] = []
         for vector, trigger in enumerate(triggers, start):
             old = self._relayed.pop((index, vector), None)
@@ -663,6 +664,8 @@ class VfioPciDevice:
                 self._relay.remove(old)
             if trigger is None:
                 fds.append(-1)
+            elif hasattr(trigger, "fileno"):  # an eventfd: the kernel signals it directly
+                fds.append(trigger.fileno())
             else:
                 fd = self._relay.add(trigger)
                 self._relayed[(index, vector)] = fd

@@ -85,6 +85,8 @@ class GuestRun:
     guest_log: str = ""
     seconds: float = 0.0
     problem: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    """The JSON files the checks left in the exchange share (probe.json, bench.json), by name."""
 
     def describe(self) -> str:
         """The tail of the logs, for a failure message."""
@@ -202,6 +204,7 @@ def boot_and_check(provisioner: ModuleType, prov: Any, work: Path) -> GuestRun:
         elif not run.problem:
             run.problem = "the guest wrote no results (junit.xml)"
         for extra in xchg.glob("*.json"):
+            run.outputs[extra.name] = extra.read_text(errors="replace")
             (work / extra.name).write_bytes(extra.read_bytes())
         for keep in ("guest.log", "junit.xml"):
             if (xchg / keep).exists():

@@ -7,7 +7,9 @@ import errno
 import os
 import select
 from pathlib import Path
+from typing import Any
 
+import pluggy
 import pytest
 
 from vfio_mediate import (
@@ -21,6 +23,8 @@ from vfio_mediate import (
     is_pci_address,
 )
 from vfio_mediate.uapi import IrqIndex
+
+hookimpl = pluggy.HookimplMarker("vfio_mediate")
 
 
 @pytest.mark.parametrize("text", ["0000:01:10.0", "01:10.0", "abcd:ef:1f.7"])
@@ -118,3 +122,73 @@ def test_the_emulated_backend_signals_raw_eventfds() -> None:
     finally:
         os.close(eventfd)
         backend.close()
+
+
+class DirectBackend:
+    """An emulated device that says it routes interrupts in the kernel (as vfio-pci does) and
+    records how it was asked to."""
+
+    direct_irqs = True
+
+    def __init__(self) -> None:
+        self._inner = create_device("i40e-vf")
+        self.calls: list[tuple[str, int, int, list[Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def set_irq_eventfds(self, index: int, start: int, fds: Any) -> None:
+        self.calls.append(("eventfds", index, start, list(fds)))
+
+    def set_irq_triggers(self, index: int, start: int, triggers: Any) -> None:
+        self.calls.append(("triggers", index, start, list(triggers)))
+
+
+class Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __call__(self) -> None:
+        pass
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    @hookimpl
+    def mediator_open(self, device: Any) -> Any:
+        return self
+
+    @hookimpl
+    def mediator_irq_observe(self, handle: Any, index: int) -> Any:
+        return [1] if index == IrqIndex.MSIX else None
+
+    @hookimpl
+    def mediator_irq(self, handle: Any, index: int, vector: int) -> Any:
+        self.seen.append((index, vector))
+        return vector != 1 or len(self.seen) > 1  # swallow the first interrupt only
+
+
+def test_client_eventfds_go_to_a_direct_backend_unless_the_mediator_observes_the_vector() -> None:
+    backend = DirectBackend()
+    registry = MediatorRegistry()
+    observer = Observer()
+    registry.register(observer, "observer")
+    device = MediatedDevice(backend, registry)  # type: ignore[arg-type]
+    try:
+        with device:
+            device.set_irq_triggers(IrqIndex.MSIX, 2, [Fd(7), None])
+            assert backend.calls[-1] == ("eventfds", IrqIndex.MSIX, 2, [7, -1])
+            fired: list[int] = []
+            device.set_irq_triggers(IrqIndex.MSIX, 0, [Fd(5), lambda: fired.append(1)])
+            kind, _, _, triggers = backend.calls[-1]
+            assert kind == "triggers" and isinstance(triggers[0], Fd)  # vector 0 not observed
+            triggers[1]()  # the relay calls the observer, which swallows this one
+            triggers[1]()
+            assert observer.seen == [(IrqIndex.MSIX, 1), (IrqIndex.MSIX, 1)] and fired == [1]
+    finally:
+        backend._inner.close()

@@ -7,6 +7,7 @@ with its failure message; the guest boots once for all of them (the ``guest_run`
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,15 @@ def test_in_guest(guest_run: GuestRun, check: str) -> None:
     if result.outcome == "skipped":
         pytest.skip(result.message)
     assert result.outcome == "passed", f"{check} {result.outcome} in the guest:\n{result.message}"
+
+
+def test_the_benchmark_numbers_are_reported(guest_run: GuestRun) -> None:
+    """benchmarks/bench_vfio.py ran in the guest (see -rP for its numbers)."""
+    text = guest_run.outputs.get("bench.json")
+    if text is None:
+        pytest.fail("the in-guest benchmark left no bench.json")
+    for label, micros in json.loads(text).items():
+        print(f"{label:<52} {micros:8.2f} us")
 
 
 def test_the_guest_run_stays_within_its_budget(guest_run: GuestRun) -> None:
