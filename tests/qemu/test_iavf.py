@@ -5,6 +5,12 @@ Both guests boot once for the module; the checks run in order in those boots: ia
 reports link up, ping both ways, 1 MiB over TCP (TX checksum offload and TSO) checked by hash
 on both sides, an MTU change (a VF reset in iavf) then ping again, a driver that never
 complained, and a server log without a traceback.
+
+Seen from these guests (Debian 6.12): iavf sends CONFIG_VSI_QUEUES, CONFIG_IRQ_MAP and
+ADD_ETH_ADDR/DEL_ETH_ADDR one list element longer than their count says (the size of the old
+one-element-array structs plus count elements: 136 bytes for one queue pair, 38 for two
+vectors, 20 for one address); a PF that wants exactly header + count elements refuses them
+all with ERR_PARAM and the link never comes up.
 """
 
 from __future__ import annotations
