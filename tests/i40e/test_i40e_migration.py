@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from i40e_mediator import registers as r
-from i40e_mediator import virtchnl as vc
 from i40e_mediator import state
+from i40e_mediator import virtchnl as vc
 from i40e_mediator.model import I40eVf
 from i40e_support import GUEST_IOVA, Vf, WriteRecorder
 

@@ -25,10 +25,11 @@ def config(vf: Vf, offset: int, size: int) -> int:
 
 def stats(guest: Guest) -> dict[str, int]:
     reply = guest.expect_ok(vc.OP_GET_STATS, vc.QUEUE_SELECT.pack(guest.vsi_id, 0, 0, 0))
-    names = (
-        "rx_bytes rx_unicast rx_multicast rx_broadcast rx_discards rx_unknown_protocol "
-        "tx_bytes tx_unicast tx_multicast tx_broadcast tx_discards tx_errors"
-    ).split()
+    names = [
+        *("rx_bytes", "rx_unicast", "rx_multicast", "rx_broadcast", "rx_discards"),
+        *("rx_unknown_protocol", "tx_bytes", "tx_unicast", "tx_multicast", "tx_broadcast"),
+        *("tx_discards", "tx_errors"),
+    ]
     return dict(zip(names, vc.ETH_STATS.unpack(reply), strict=True))
 
 
@@ -84,6 +85,7 @@ def test_the_virtchnl_bring_up_as_iavf_does_it(make_vf: Callable[..., Vf]) -> No
     status, reply = guest.request(vc.OP_GET_VF_RESOURCES, vc.CAPS.pack(0x1ABD8CF9))
     vsis, pairs, vectors, max_mtu, caps, key, lut = vc.VF_RESOURCE.unpack_from(reply)
     vsi, vsi_pairs, vsi_type, _, mac = vc.VSI_RESOURCE.unpack_from(reply, vc.VF_RESOURCE.size)
+    assert vsi == guest.vsi_id
     assert status == 0 and len(reply) == 36
     assert (vsis, pairs, vectors, caps, vsi_pairs, vsi_type) == (1, 4, 5, vc.CAP_L2, 4, 6)
     assert max_mtu == r.MAX_FRAME_SIZE and (key, lut) == (52, 64)
@@ -131,6 +133,7 @@ BAD_LENGTHS = [
     (vc.OP_DISABLE_QUEUES, bytes(16)),
     (vc.OP_ADD_ETH_ADDR, vc.ETHER_LIST.pack(3, 2) + bytes(8)),
     (vc.OP_DEL_ETH_ADDR, vc.ETHER_LIST.pack(3, 0)),
+    (vc.OP_ADD_ETH_ADDR, vc.ETHER_LIST.pack(3, 1) + bytes(24)),  # two elements too many
     (vc.OP_CONFIG_PROMISCUOUS_MODE, bytes(2)),
     (vc.OP_GET_STATS, b""),
 ]
@@ -173,7 +176,10 @@ def queue_pair(guest: Guest, **fields: int) -> bytes:
 
 INVALID = {
     "ring outside DMA memory": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, rx_ring=0x10)),
-    "ring not aligned": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, tx_ring=g.pairs[0].tx_ring + 64)),
+    "ring not aligned": lambda g: (
+        vc.OP_CONFIG_VSI_QUEUES,
+        queue_pair(g, tx_ring=g.pairs[0].tx_ring + 64),
+    ),
     "queue out of range": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, queue=4)),
     "wrong VSI": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, vsi=9)),
     "ring length": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, tx_len=5000)),
@@ -422,8 +428,7 @@ def test_a_large_frame_spans_buffers_with_eof_on_the_last(vf: Vf) -> None:
     first = rx.rx_next_to_clean
     assert guest.send(1, 9000)  # 5 RX buffers of 2048
     flags = [
-        vf.mem_u64(rx.rx_ring + (first + i) * r.RX_DESC.size + r.RX_QWORD1_OFFSET)
-        for i in range(5)
+        vf.mem_u64(rx.rx_ring + (first + i) * r.RX_DESC.size + r.RX_QWORD1_OFFSET) for i in range(5)
     ]
     assert [f & r.RX_EOF for f in flags] == [0, 0, 0, 0, r.RX_EOF]
     assert [(f >> r.RX_LEN_SHIFT) & r.RX_LEN_MASK for f in flags] == [2048] * 4 + [808]
@@ -516,6 +521,6 @@ def test_unaligned_and_wide_register_accesses(vf: Vf) -> None:
     guest.memory.write(
         pair.tx_ring, r.TX_DESC.pack(buffer, r.tx_data_qword1(length, r.TX_CMD_EOP | r.TX_CMD_RS))
     )
-    assert TX_BUF_SIZE >= length
+    assert length <= TX_BUF_SIZE
     vf.device.write(r.BAR0, r.qtx_tail(0), (1).to_bytes(2, "little"))
     assert guest.take_frames(0) == [packet_bytes(guest.mac, guest.partner.mac, 0, 0, 64)]

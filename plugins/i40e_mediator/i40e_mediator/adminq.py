@@ -118,7 +118,9 @@ class AdminQueue:
         base = host.get(r.VF_ATQBAL) | host.get(r.VF_ATQBAH) << 32
         head, tail = host.get(r.VF_ATQH) & r.AQ_HEAD_MASK, host.get(r.VF_ATQT) & r.AQ_HEAD_MASK
         if head >= length or tail >= length:
-            logger.warning("admin send queue head %d / tail %d outside its %d entries", head, tail, length)
+            logger.warning(
+                "admin send queue head %d / tail %d outside its %d entries", head, tail, length
+            )
             host.put(r.VF_ATQLEN, control | r.AQ_CRIT)
             return
         while head != tail:
@@ -245,5 +247,9 @@ class AdminQueue:
             host.admin_event()
 
     def _critical(self, register: int, what: str) -> None:
-        logger.warning("admin queue DMA fault (%s): %s CRIT set", what, "ATQLEN" if register == r.VF_ATQLEN else "ARQLEN")
+        logger.warning(
+            "admin queue DMA fault (%s): %s CRIT set",
+            what,
+            "ATQLEN" if register == r.VF_ATQLEN else "ARQLEN",
+        )
         self.host.put(register, self.host.get(register) | r.AQ_CRIT)

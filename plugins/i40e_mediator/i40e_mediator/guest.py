@@ -63,7 +63,9 @@ class GuestError(Exception):
     """The VF did not behave as iavf needs (no reply, a refused request, no reset)."""
 
 
-def packet_bytes(destination: bytes, source: bytes, queue: int, sequence: int, length: int) -> bytes:
+def packet_bytes(
+    destination: bytes, source: bytes, queue: int, sequence: int, length: int
+) -> bytes:
     """The frame the guest sends as number ``sequence`` on ``queue``: Ethernet header,
     our header and pattern, ``length`` bytes in all."""
     start = sequence % 251
@@ -230,7 +232,9 @@ class Guest:
         self.cpu_pages_per_slice = cpu_pages_per_slice
         self.partner = partner or LinkPartner()
         self.queue_count = queues
-        self.pairs = [_QueuePair(q, 1 + q % (r.MSIX_VECTORS - 1), ring_len, buf_size) for q in range(queues)]
+        self.pairs = [
+            _QueuePair(q, 1 + q % (r.MSIX_VECTORS - 1), ring_len, buf_size) for q in range(queues)
+        ]
         self.aq = _AdminQueues()
         self.mac = bytes(6)
         self.vsi_id = 0
@@ -277,7 +281,9 @@ class Guest:
         if self._reg(r.VFGEN_RSTAT) & r.VFR_STATE_MASK not in (r.VFR_COMPLETED, r.VFR_VFACTIVE):
             raise GuestError("the device is still in reset (VFGEN_RSTAT)")
         self.init_admin_queue()
-        status, reply = self.request(vc.OP_VERSION, vc.VERSION.pack(vc.VERSION_MAJOR, vc.VERSION_MINOR))
+        status, reply = self.request(
+            vc.OP_VERSION, vc.VERSION.pack(vc.VERSION_MAJOR, vc.VERSION_MINOR)
+        )
         if status or vc.VERSION.unpack(reply) != (vc.VERSION_MAJOR, vc.VERSION_MINOR):
             raise GuestError(f"VERSION answered {status} {reply.hex()}")
         self._configure_vf()
@@ -289,9 +295,14 @@ class Guest:
         status, reply = self.request(vc.OP_GET_VF_RESOURCES, vc.CAPS.pack(IAVF_CAPS))
         if status:
             raise GuestError(f"GET_VF_RESOURCES refused ({status})")
-        vsis, pairs, self.vectors, _, caps, _, _ = vc.VF_RESOURCE.unpack_from(reply)
+        vsis, pairs, self.vectors, _, _, _, _ = vc.VF_RESOURCE.unpack_from(reply)
         vsi, _, vsi_type, _, self.mac = vc.VSI_RESOURCE.unpack_from(reply, vc.VF_RESOURCE.size)
-        if not vsis or vsi_type != vc.VSI_TYPE_SRIOV or pairs < self.queue_count or self.vectors < 2:
+        if (
+            not vsis
+            or vsi_type != vc.VSI_TYPE_SRIOV
+            or pairs < self.queue_count
+            or self.vectors < 2
+        ):
             raise GuestError(f"no usable LAN VSI: {reply.hex()}")
         self.vsi_id = vsi
         self.link_up = False
@@ -300,12 +311,12 @@ class Guest:
         for pair in self.pairs:
             pair.vector = 1 + pair.index % (self.vectors - 1)
         vectors = sorted({pair.vector for pair in self.pairs})
-        maps = b"".join(
+        maps = [
             vc.VECTOR_MAP.pack(vsi, vector, bits, bits, 0, 1)
             for vector in vectors
             for bits in [sum(1 << p.index for p in self.pairs if p.vector == vector)]
-        ) + vc.VECTOR_MAP.pack(vsi, r.ADMIN_VECTOR, 0, 0, 0, 0)
-        self.expect_ok(vc.OP_CONFIG_IRQ_MAP, vc.IRQ_MAP.pack(len(vectors) + 1) + maps)
+        ] + [vc.VECTOR_MAP.pack(vsi, r.ADMIN_VECTOR, 0, 0, 0, 0)]
+        self.expect_ok(vc.OP_CONFIG_IRQ_MAP, vc.padded_list(vc.IRQ_MAP.pack(len(maps)), maps))
         self.expect_ok(vc.OP_ADD_ETH_ADDR, self.address_list([self.mac]))
         for pair in self.pairs:
             self._new_rings(pair)
@@ -382,7 +393,10 @@ class Guest:
             (r.VF_ARQT, AQ_ENTRIES - 1),
         ):
             self._write(offset, value)
-        if self._reg(r.VF_ATQBAL) != aq.atq & 0xFFFF_FFFF or self._reg(r.VF_ARQBAL) != aq.arq & 0xFFFF_FFFF:
+        if (
+            self._reg(r.VF_ATQBAL) != aq.atq & 0xFFFF_FFFF
+            or self._reg(r.VF_ARQBAL) != aq.arq & 0xFFFF_FFFF
+        ):
             raise GuestError("the admin queue base registers do not read back")
         aq.atq_next_to_use = aq.atq_next_to_clean = aq.arq_next_to_clean = 0
         aq.outstanding, aq.reply = vc.OP_UNKNOWN, None
@@ -412,7 +426,16 @@ class Guest:
         self.memory.write(
             self.aq.arq + slot * r.AQ_DESC_SIZE,
             r.AQ_DESC.pack(
-                r.AQ_FLAG_BUF | r.AQ_FLAG_LB, 0, AQ_BUF_SIZE, 0, 0, 0, 0, 0, buffer >> 32, buffer & 0xFFFF_FFFF
+                r.AQ_FLAG_BUF | r.AQ_FLAG_LB,
+                0,
+                AQ_BUF_SIZE,
+                0,
+                0,
+                0,
+                0,
+                0,
+                buffer >> 32,
+                buffer & 0xFFFF_FFFF,
             ),
         )
 
@@ -428,7 +451,16 @@ class Guest:
         self.memory.write(
             aq.atq + slot * r.AQ_DESC_SIZE,
             r.AQ_DESC.pack(
-                flags, r.AQC_SEND_MSG_TO_PF, len(payload), 0, opcode, 0, 0, 0, buffer >> 32, buffer & 0xFFFF_FFFF
+                flags,
+                r.AQC_SEND_MSG_TO_PF,
+                len(payload),
+                0,
+                opcode,
+                0,
+                0,
+                0,
+                buffer >> 32,
+                buffer & 0xFFFF_FFFF,
             ),
         )
         aq.atq_next_to_use = (slot + 1) % AQ_ENTRIES
@@ -496,21 +528,24 @@ class Guest:
     # -- messages --------------------------------------------------------------------------
 
     def address_list(self, addresses: list[bytes]) -> bytes:
-        """A virtchnl_ether_addr_list of ``addresses``."""
-        return vc.ETHER_LIST.pack(self.vsi_id, len(addresses)) + b"".join(
-            vc.ETHER_ADDR.pack(address, 0) for address in addresses
+        """A virtchnl_ether_addr_list of ``addresses`` (with iavf's trailing element)."""
+        return vc.padded_list(
+            vc.ETHER_LIST.pack(self.vsi_id, len(addresses)),
+            [vc.ETHER_ADDR.pack(address, 0) for address in addresses],
         )
 
     def queue_config(self, pairs: list[_QueuePair]) -> bytes:
-        """A virtchnl_vsi_queue_config_info for ``pairs`` with their current rings."""
-        return vc.VSI_QUEUE_CONFIG.pack(self.vsi_id, len(pairs), 0) + b"".join(
-            vc.QUEUE_PAIR.pack(
-                self.vsi_id, p.index, p.ring_len, 0, p.tx_ring, 0,
-                self.vsi_id, p.index, p.ring_len, 0, 0, p.buf_size, MAX_PACKET, 0, 0, 0, 0,
-                p.rx_ring, 0, 0,
-            )
-            for p in pairs
+        """A virtchnl_vsi_queue_config_info for ``pairs`` with their current rings (with
+        iavf's trailing element)."""
+        return vc.padded_list(
+            vc.VSI_QUEUE_CONFIG.pack(self.vsi_id, len(pairs), 0),
+            [self._queue_pair(p) for p in pairs],
         )
+
+    def _queue_pair(self, p: _QueuePair) -> bytes:
+        tx = (self.vsi_id, p.index, p.ring_len, 0, p.tx_ring, 0)
+        rx = (self.vsi_id, p.index, p.ring_len, 0, 0, p.buf_size, MAX_PACKET, 0, 0, 0, 0)
+        return vc.QUEUE_PAIR.pack(*tx, *rx, p.rx_ring, 0, 0)
 
     def queue_select(self, pairs: list[_QueuePair]) -> bytes:
         """A virtchnl_queue_select of ``pairs`` (RX and TX)."""
@@ -620,9 +655,11 @@ class Guest:
         buffers = [pair.tx_free.popleft() for _ in range(pieces)]
         slot = pair.tx_next_to_use
         if tso_mss:
-            header = (offload >> r.TX_OFFSET_SHIFT & r.TX_MACLEN_MASK) * 2 + (
-                offload >> r.TX_IPLEN_SHIFT & r.TX_IPLEN_MASK
-            ) * 4 + (offload >> r.TX_L4LEN_SHIFT & r.TX_L4LEN_MASK) * 4
+            header = (
+                (offload >> r.TX_OFFSET_SHIFT & r.TX_MACLEN_MASK) * 2
+                + (offload >> r.TX_IPLEN_SHIFT & r.TX_IPLEN_MASK) * 4
+                + (offload >> r.TX_L4LEN_SHIFT & r.TX_L4LEN_MASK) * 4
+            )
             context = (
                 r.TX_DTYPE_CONTEXT
                 | r.TX_CTX_CMD_TSO << r.TX_CMD_SHIFT

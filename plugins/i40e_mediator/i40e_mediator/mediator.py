@@ -293,7 +293,9 @@ class I40eHandle:
             if ring.broken:
                 return
             if unseen and changed and ring.head:
-                logger.warning("%s: ring %s was used before it was read: logging all pages", self, key)
+                logger.warning(
+                    "%s: ring %s was used before it was read: logging all pages", self, key
+                )
                 self._mark_all()
             entries.extend(self._read_posted(ring, ring.head, owned))
             return

@@ -372,7 +372,9 @@ class I40eVf:
             ("RX", rx_base, rx_len, r.RX_DESC.size),
         ):
             if base % r.RING_ALIGN:
-                raise ValueError(f"queue {queue}: {name} ring {base:#x} is not {r.RING_ALIGN}-byte aligned")
+                raise ValueError(
+                    f"queue {queue}: {name} ring {base:#x} is not {r.RING_ALIGN}-byte aligned"
+                )
             if not r.RING_LEN_MIN <= length <= r.RING_LEN_MAX or length % r.RING_LEN_MULTIPLE:
                 raise ValueError(
                     f"queue {queue}: {name} ring length {length} is not a multiple of "
@@ -381,11 +383,19 @@ class I40eVf:
             try:
                 self._dma().read(base, length * size)
             except OSError as exc:
-                raise ValueError(f"queue {queue}: {name} ring at {base:#x} is outside DMA memory ({exc})") from exc
+                raise ValueError(
+                    f"queue {queue}: {name} ring at {base:#x} is outside DMA memory ({exc})"
+                ) from exc
         if not r.RX_BUF_UNIT <= buf_size <= r.RX_BUF_MAX:
-            raise ValueError(f"queue {queue}: RX buffer size {buf_size} is outside {r.RX_BUF_UNIT}..{r.RX_BUF_MAX}")
+            raise ValueError(
+                f"queue {queue}: RX buffer size {buf_size} is outside "
+                f"{r.RX_BUF_UNIT}..{r.RX_BUF_MAX}"
+            )
         if not r.RX_PKT_MIN <= max_pkt <= r.RX_PKT_MAX:
-            raise ValueError(f"queue {queue}: largest RX packet {max_pkt} is outside {r.RX_PKT_MIN}..{r.RX_PKT_MAX}")
+            raise ValueError(
+                f"queue {queue}: largest RX packet {max_pkt} is outside "
+                f"{r.RX_PKT_MIN}..{r.RX_PKT_MAX}"
+            )
 
     def configure_queue(
         self,
@@ -471,7 +481,6 @@ class I40eVf:
         """Set a BAR0 register."""
         self._regs[offset : offset + 4] = value.to_bytes(4, "little")
 
-
     def dma_read(self, iova: int, length: int) -> bytes:
         """Read guest memory."""
         return bytes(self._dma().read(iova, length))
@@ -484,7 +493,6 @@ class I40eVf:
         """Whether the device may do DMA now: running, bus master."""
         bus = self._bus
         return self._running and bus is not None and bus.bus_master
-
 
     def virtchnl_request(self, opcode: int, payload: bytes) -> bool:
         """A VF request from the admin send queue, for the PF."""

@@ -7,8 +7,9 @@ model's queue pairs, its vectors, the port's MAC, plain L2 only), CONFIG_VSI_QUE
 CONFIG_IRQ_MAP, ENABLE_QUEUES / DISABLE_QUEUES (a LINK_CHANGE up event follows every enable),
 ADD_ETH_ADDR / DEL_ETH_ADDR, CONFIG_PROMISCUOUS_MODE, GET_STATS, RESET_VF. Every other opcode
 is answered NOT_SUPPORTED (opcodes 0 and EVENT are ignored: a reply naming 0 would end iavf's
-drain of the receive queue, one naming EVENT would read as an event); a message of the wrong length, a wrong VSI id, a queue or vector out
-of range or a ring the device cannot reach ERR_PARAM, with a log line at INFO (``-v``).
+drain of the receive queue, one naming EVENT would read as an event); a message of the wrong
+length, a wrong VSI id, a queue or vector out of range or a ring the device cannot reach
+ERR_PARAM, with a log line at INFO (``-v``).
 
 The filters (unicast and multicast addresses, promiscuous flags) are the VF's switch-port
 state: every change is handed to the port, and they are saved and restored with the VF.
@@ -79,7 +80,9 @@ class PfResponder:
         """Answer one request; ``True`` for RESET_VF (the reset follows its completion)."""
         if opcode in (vc.OP_UNKNOWN, vc.OP_EVENT):
             # A reply naming opcode 0 ends iavf's ARQ drain, one naming EVENT reads as an event.
-            logger.info("%s: virtchnl opcode %d ignored (no reply can name it)", self.vf.name, opcode)
+            logger.info(
+                "%s: virtchnl opcode %d ignored (no reply can name it)", self.vf.name, opcode
+            )
             return False
         fits = vc.request_length_ok(opcode, payload)
         if fits is None:
@@ -98,13 +101,17 @@ class PfResponder:
         self.vf.aq.send(opcode, vc.STATUS_SUCCESS, reply)
         if opcode == vc.OP_ENABLE_QUEUES:
             self.vf.aq.send(
-                vc.OP_EVENT, vc.STATUS_SUCCESS, vc.EVENT.pack(vc.EVENT_LINK_CHANGE, vc.LINK_SPEED_10GB, 1, 0)
+                vc.OP_EVENT,
+                vc.STATUS_SUCCESS,
+                vc.EVENT.pack(vc.EVENT_LINK_CHANGE, vc.LINK_SPEED_10GB, 1, 0),
             )
         return False
 
     def _refuse(self, opcode: int, status: int, why: str) -> None:
         if logger.isEnabledFor(logging.INFO):
-            logger.info("%s: virtchnl opcode %d refused (status %d): %s", self.vf.name, opcode, status, why)
+            logger.info(
+                "%s: virtchnl opcode %d refused (status %d): %s", self.vf.name, opcode, status, why
+            )
         self.vf.aq.send(opcode, status)
 
     def _answer(self, opcode: int, payload: bytes) -> bytes:
@@ -156,27 +163,48 @@ class PfResponder:
         vsi, count, _ = vc.VSI_QUEUE_CONFIG.unpack_from(payload)
         self._check_vsi(vsi)
         if count > self.vf.queue_pairs:
-            raise _Refused(vc.STATUS_ERR_PARAM, f"{count} queue pairs, the VF has {self.vf.queue_pairs}")
+            raise _Refused(
+                vc.STATUS_ERR_PARAM, f"{count} queue pairs, the VF has {self.vf.queue_pairs}"
+            )
         configs = []
         for index in range(count):
             (
-                tx_vsi, tx_queue, tx_len, headwb, tx_base, _,
-                rx_vsi, rx_queue, rx_len, hdr_size, split, buf_size, max_pkt, _, rxdid, _, _,
-                rx_base, _, _,
-            ) = vc.QUEUE_PAIR.unpack_from(payload, vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size)
+                tx_vsi,
+                tx_queue,
+                tx_len,
+                headwb,
+                tx_base,
+                _,
+                rx_vsi,
+                rx_queue,
+                rx_len,
+                hdr_size,
+                split,
+                buf_size,
+                max_pkt,
+                _,
+                rxdid,
+                _,
+                _,
+                rx_base,
+                _,
+                _,
+            ) = vc.QUEUE_PAIR.unpack_from(
+                payload, vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size
+            )
             self._check_vsi(tx_vsi)
             self._check_vsi(rx_vsi)
             if tx_queue != rx_queue or not 0 <= tx_queue < self.vf.queue_pairs:
-                raise _Refused(vc.STATUS_ERR_PARAM, f"queue pair {tx_queue}/{rx_queue} does not exist")
+                raise _Refused(
+                    vc.STATUS_ERR_PARAM, f"queue pair {tx_queue}/{rx_queue} does not exist"
+                )
             if headwb or split or hdr_size or rxdid:
                 raise _Refused(
                     vc.STATUS_ERR_PARAM,
                     f"queue {tx_queue}: head write-back, header split and flexible RX "
                     "descriptors are not implemented",
                 )
-            configs.append(
-                (tx_queue, (tx_base, tx_len, rx_base, rx_len, buf_size, max_pkt))
-            )
+            configs.append((tx_queue, (tx_base, tx_len, rx_base, rx_len, buf_size, max_pkt)))
         try:
             for queue, config in configs:
                 self.vf.check_queue(queue, *config)
@@ -194,9 +222,14 @@ class PfResponder:
             )
             self._check_vsi(vsi)
             if vector >= self.vf.vectors:
-                raise _Refused(vc.STATUS_ERR_PARAM, f"vector {vector} (the VF has {self.vf.vectors})")
+                raise _Refused(
+                    vc.STATUS_ERR_PARAM, f"vector {vector} (the VF has {self.vf.vectors})"
+                )
             if (rx_map | tx_map) >> self.vf.queue_pairs:
-                raise _Refused(vc.STATUS_ERR_PARAM, f"vector {vector} maps queues {rx_map | tx_map:#x} the VF does not have")
+                raise _Refused(
+                    vc.STATUS_ERR_PARAM,
+                    f"vector {vector} maps queues {rx_map | tx_map:#x} the VF does not have",
+                )
             if vector == r.ADMIN_VECTOR and rx_map | tx_map:
                 raise _Refused(vc.STATUS_ERR_PARAM, "queues mapped onto the admin vector 0")
             maps.append((vector, rx_map, tx_map))
@@ -212,7 +245,9 @@ class PfResponder:
         ]
         for address in addresses:
             if address == bytes(6) or address == _BROADCAST:
-                raise _Refused(vc.STATUS_ERR_PARAM, f"address {address.hex(':')} cannot be a filter")
+                raise _Refused(
+                    vc.STATUS_ERR_PARAM, f"address {address.hex(':')} cannot be a filter"
+                )
         port = self.port
         for address in addresses:
             table = port.multicast if address[0] & 1 else port.unicast

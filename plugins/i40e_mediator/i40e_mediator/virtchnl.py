@@ -11,15 +11,16 @@ from __future__ import annotations
 import struct
 
 __all__ = [
-    "EVENT",
     "ETHER_ADDR",
     "ETH_STATS",
+    "EVENT",
     "QUEUE_PAIR",
     "QUEUE_SELECT",
     "VECTOR_MAP",
     "VERSION",
     "VF_RESOURCE",
     "VSI_RESOURCE",
+    "padded_list",
     "request_length_ok",
 ]
 
@@ -75,7 +76,7 @@ CAPS = struct.Struct("<I")
 VF_RESOURCE = struct.Struct("<HHHHIII")  # num_vsis, queue pairs, max_vectors, max_mtu, caps, rss
 VSI_RESOURCE = struct.Struct("<HHiH6s")  # vsi_id, queue pairs, vsi_type, qset_handle, mac
 VSI_QUEUE_CONFIG = struct.Struct("<HHI")  # vsi_id, num_queue_pairs, pad
-QUEUE_PAIR = struct.Struct("<HHHHQQ" "HHIHHIIBBBBQiI")  # txq_info (24) + rxq_info (40)
+QUEUE_PAIR = struct.Struct("<HHHHQQHHIHHIIBBBBQiI")  # txq_info (24) + rxq_info (40)
 IRQ_MAP = struct.Struct("<H")  # num_vectors
 VECTOR_MAP = struct.Struct("<HHHHHH")  # vsi_id, vector_id, rxq_map, txq_map, rx/tx itr index
 QUEUE_SELECT = struct.Struct("<HHII")  # vsi_id, pad, rx_queues, tx_queues
@@ -84,6 +85,18 @@ ETHER_ADDR = struct.Struct("<6sBx")  # addr, type
 PROMISC = struct.Struct("<HH")  # vsi_id, flags
 ETH_STATS = struct.Struct("<12Q")
 EVENT = struct.Struct("<iIB3xi")  # event, link_speed, link_status, severity
+
+
+def padded_list(header: bytes, elements: list[bytes]) -> bytes:
+    """A list message as iavf 6.12 builds it: the elements and one trailing zero element."""
+    return header + b"".join(elements) + bytes(len(elements[0]))
+
+
+def _list_ok(length: int, header: int, element: int, count: int) -> bool:
+    """A list message holds ``count`` elements, or one more: iavf sizes its lists with
+    ``struct_size`` over the old one-element-array structs, so 6.12 sends a trailing zero
+    element (136 bytes for one queue pair); the PF's own validator computes the same."""
+    return count > 0 and length in (header + count * element, header + (count + 1) * element)
 
 
 def request_length_ok(opcode: int, message: bytes) -> bool | None:
@@ -100,19 +113,19 @@ def request_length_ok(opcode: int, message: bytes) -> bool | None:
         if length < VSI_QUEUE_CONFIG.size:
             return False
         count = VSI_QUEUE_CONFIG.unpack_from(message)[1]
-        return count > 0 and length == VSI_QUEUE_CONFIG.size + count * QUEUE_PAIR.size
+        return _list_ok(length, VSI_QUEUE_CONFIG.size, QUEUE_PAIR.size, count)
     if opcode == OP_CONFIG_IRQ_MAP:
         if length < IRQ_MAP.size:
             return False
         count = IRQ_MAP.unpack_from(message)[0]
-        return count > 0 and length == IRQ_MAP.size + count * VECTOR_MAP.size
+        return _list_ok(length, IRQ_MAP.size, VECTOR_MAP.size, count)
     if opcode in (OP_ENABLE_QUEUES, OP_DISABLE_QUEUES, OP_GET_STATS):
         return length == QUEUE_SELECT.size
     if opcode in (OP_ADD_ETH_ADDR, OP_DEL_ETH_ADDR):
         if length < ETHER_LIST.size:
             return False
         count = ETHER_LIST.unpack_from(message)[1]
-        return count > 0 and length == ETHER_LIST.size + count * ETHER_ADDR.size
+        return _list_ok(length, ETHER_LIST.size, ETHER_ADDR.size, count)
     if opcode == OP_CONFIG_PROMISCUOUS_MODE:
         return length == PROMISC.size
     return None
