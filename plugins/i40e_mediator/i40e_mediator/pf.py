@@ -168,43 +168,23 @@ class PfResponder:
             )
         configs = []
         for index in range(count):
-            (
-                tx_vsi,
-                tx_queue,
-                tx_len,
-                headwb,
-                tx_base,
-                _,
-                rx_vsi,
-                rx_queue,
-                rx_len,
-                hdr_size,
-                split,
-                buf_size,
-                max_pkt,
-                _,
-                rxdid,
-                _,
-                _,
-                rx_base,
-                _,
-                _,
-            ) = vc.QUEUE_PAIR.unpack_from(
-                payload, vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size
-            )
-            self._check_vsi(tx_vsi)
-            self._check_vsi(rx_vsi)
-            if tx_queue != rx_queue or not 0 <= tx_queue < self.vf.queue_pairs:
+            at = vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size
+            pair = vc.QueuePairInfo._make(vc.QUEUE_PAIR.unpack_from(payload, at))
+            self._check_vsi(pair.tx_vsi)
+            self._check_vsi(pair.rx_vsi)
+            queue = pair.tx_queue
+            if queue != pair.rx_queue or not 0 <= queue < self.vf.queue_pairs:
                 raise _Refused(
-                    vc.STATUS_ERR_PARAM, f"queue pair {tx_queue}/{rx_queue} does not exist"
+                    vc.STATUS_ERR_PARAM, f"queue pair {queue}/{pair.rx_queue} does not exist"
                 )
-            if headwb or split or hdr_size or rxdid:
+            if pair.headwb_enabled or pair.splithdr_enabled or pair.hdr_size or pair.rxdid:
                 raise _Refused(
                     vc.STATUS_ERR_PARAM,
-                    f"queue {tx_queue}: head write-back, header split and flexible RX "
+                    f"queue {queue}: head write-back, header split and flexible RX "
                     "descriptors are not implemented",
                 )
-            configs.append((tx_queue, (tx_base, tx_len, rx_base, rx_len, buf_size, max_pkt)))
+            rings = (pair.tx_ring, pair.tx_ring_len, pair.rx_ring, pair.rx_ring_len)
+            configs.append((queue, (*rings, pair.databuffer_size, pair.max_pkt_size)))
         try:
             for queue, config in configs:
                 self.vf.check_queue(queue, *config)
