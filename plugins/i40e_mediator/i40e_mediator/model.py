@@ -40,8 +40,8 @@ The core's emulated PCI function does config space, BAR memory and MSI-X from ``
   pages, the admin queue pages (ATQT/ARQT/ATQLEN/ARQLEN) and the VFGEN_RSTAT page.
 - **Migration.** ``quiesce``/``resume`` stop and restart all DMA and interrupts (tail writes
   are latched meanwhile, frames for the VF dropped uncounted); ``snapshot``/``restore`` save
-  and load a ``state.VfState``: registers, queues, vectors, MSI-X, admin queue messages, the virtchnl
-  negotiation, the switch-port filters and the statistics.
+  and load a ``state.VfState``: registers, queues, vectors, MSI-X, admin queue messages, the
+  virtchnl negotiation, the switch-port filters and the statistics.
 
 Like the real VF it cannot say which pages it wrote; only the DMA space can record that.
 """
