@@ -35,6 +35,8 @@ VSI_ID = 3
 """The VSI id of the VF's only VSI (any value; the VF echoes it in every request)."""
 
 _BROADCAST = b"\xff" * 6
+MAX_FILTERS = 64
+"""Unicast plus multicast addresses one VF may filter on (the PF's limit for a VF)."""
 
 
 @dataclass
@@ -229,6 +231,8 @@ class PfResponder:
                     vc.STATUS_ERR_PARAM, f"address {address.hex(':')} cannot be a filter"
                 )
         port = self.port
+        if add and len({*port.unicast, *port.multicast, *addresses}) > MAX_FILTERS:
+            raise _Refused(vc.STATUS_ERR_PARAM, f"more than {MAX_FILTERS} MAC filters")
         for address in addresses:
             table = port.multicast if address[0] & 1 else port.unicast
             if add and address not in table:
