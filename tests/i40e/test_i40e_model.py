@@ -609,3 +609,19 @@ def _random_requests_are_answered(data: st.DataObject) -> None:
 @functools.cache
 def _registry() -> MediatorRegistry:
     return MediatorRegistry.from_entry_points()
+
+
+def test_iavf_sized_rings(make_vf: Callable[..., Vf]) -> None:
+    """512 descriptors per ring and 1536-byte buffers, what iavf configures."""
+    vf = make_vf("big", size=8 << 20)
+    guest = vf.guest(ring_len=r.RING_LEN_DEFAULT, buf_size=1536, queues=1)
+    for sequence in range(700):  # wraps both rings
+        assert guest.send(0, 60 + sequence * 13 % 1400)
+        if sequence % 100 == 99:
+            guest.clean(0)
+            guest.post_rx(0)
+    guest.clean(0)
+    assert guest.stats()["received"] == 700 and guest.stats()["corrupt"] == 0
+    _, state = vf.model.queue_view(0)
+    assert (state.tx_len, state.rx_len, state.rx_buf_size) == (512, 512, 1536)
+    assert state.tx_head == state.rx_head == 700 - 512
