@@ -18,9 +18,9 @@ from ._codec import (
     pack_message,
 )
 from ._config import PeerCredentials, ServerConfig
+from ._engine import Session
 from ._log import LOGGER_NAME, SESSIONS_LOGGER_NAME
 from ._server import BackgroundServer, DeviceEndpoint, VfioUserServer, check_socket_directory
-from ._session import Session
 
 __all__ = [
     "HEADER",

@@ -17,8 +17,8 @@ from typing import Any, TypeVar, final
 
 from .._device import MediatedDevice
 from ._config import PeerCredentials, ServerConfig
+from ._engine import Session, fd_budget
 from ._log import logger
-from ._session import Session
 
 __all__ = ["BackgroundServer", "DeviceEndpoint", "VfioUserServer", "check_socket_directory"]
 
@@ -250,6 +250,7 @@ class VfioUserServer:
             label=f"{endpoint.name}#{endpoint.sessions_served + 1}",
             mapped_areas=endpoint.mapped_areas,
             on_closed=lambda _: _ended(endpoint),
+            max_dma_maps=fd_budget(len(self._endpoints)),
         )
         try:
             session.start()
