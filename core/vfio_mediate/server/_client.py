@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, final
 
@@ -38,7 +39,6 @@ from ._codec import (
     FEATURE_MIG_DATA_SIZE,
     FEATURE_MIG_STATE,
     FEATURE_MIGRATION,
-    HEADER,
     HEADER_SIZE,
     IRQ_INFO,
     IRQ_SET,
@@ -65,11 +65,22 @@ from ._codec import (
     pack_error,
     pack_message,
 )
-from ._transport import FD_SIZE, close_fds, received_fds
+from ._transport import FD_SIZE, Framer, close_fds, received_fds
 
 __all__ = ["Message", "VfioUserClient"]
 
 _QEMU_MAX_BITMAP_SIZE = 256 << 20
+_RECV_SIZE = 1 << 16
+_COMMAND, _REPLY, _ERROR = int(HeaderFlag.COMMAND), int(HeaderFlag.REPLY), int(HeaderFlag.ERROR)
+_READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
+_RW_REQUEST = struct.Struct("<HHIIIQII")
+"""A region read or write request's header and REGION_RW in one."""
+_RW_REQUEST_SIZE = _RW_REQUEST.size
+
+
+def _refused(command: int, code: int) -> AccessError:
+    code = code or errno.EIO
+    return AccessError(code, f"{Command.name_of(command)} refused: {os.strerror(code)}")
 
 
 class Message(NamedTuple):
@@ -122,6 +133,9 @@ class VfioUserClient:
         self._timeout = timeout
         self._next_id = 0
         self._anc_space = socket.CMSG_SPACE(MAX_MSG_FDS * FD_SIZE)
+        limit = HEADER_SIZE + 64 + max(max_data_xfer_size, DEFAULT_MAX_DATA_XFER_SIZE)
+        self._framer = Framer(limit, MAX_MSG_FDS)
+        self._decoded: dict[int, tuple[bytes, RegionInfo, int]] = {}
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
         self._local_starts: list[int] = []
@@ -160,6 +174,7 @@ class VfioUserClient:
         """Close the connection and every fd the server gave."""
         close_fds(list(self._region_fds.values()))
         self._region_fds.clear()
+        self._framer.close()
         self.sock.close()
 
     def __enter__(self) -> VfioUserClient:
@@ -176,37 +191,38 @@ class VfioUserClient:
         return self._next_id
 
     def send_raw(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Send bytes as they are, with ``fds`` on their first byte (for malformed input)."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = self.sock.sendmsg([data], ancillary)
-        if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+        """Send bytes as they are, with ``fds`` on their first byte (for malformed input);
+        ``ProtocolError`` once the server has closed the connection."""
+        try:
+            if fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.sock.sendmsg([data], ancillary)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
 
-    def _recv_exact(self, count: int, fds: list[int]) -> bytes:
-        chunks, got = [], 0
-        while got < count:
-            data, ancdata, _, _ = self.sock.recvmsg(count - got, self._anc_space)
-            fds.extend(received_fds(ancdata))
-            if not data:
-                raise ProtocolError("the server closed the connection")
-            chunks.append(data)
-            got += len(data)
-        return b"".join(chunks)
+    def _fill(self) -> None:
+        """One read into the framer (blocking up to the timeout)."""
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(_RECV_SIZE, self._anc_space)
+        except ConnectionResetError as exc:
+            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
+        if not data:
+            raise ProtocolError("the server closed the connection")
+        self._framer.feed(data, received_fds(ancdata) if ancdata else [])
 
     def receive(self) -> Message:
         """The next message, whatever it is (raises ``ProtocolError`` at EOF)."""
-        fds: list[int] = []
-        try:
-            header = self._recv_exact(HEADER_SIZE, fds)
-            msg_id, command, size, flags, error = HEADER.unpack(header)
-            limit = HEADER_SIZE + 64 + max(self.max_data_xfer_size, DEFAULT_MAX_DATA_XFER_SIZE)
-            if not HEADER_SIZE <= size <= limit:
-                raise ProtocolError(f"message size {size} is outside [16, {limit}]")
-            payload = self._recv_exact(size - HEADER_SIZE, fds)
-        except BaseException:
-            close_fds(fds)
-            raise
-        return Message(msg_id, command, flags, error, payload, fds)
+        framer = self._framer
+        frame = framer.next()
+        while frame is None:
+            self._fill()
+            frame = framer.next()
+        msg_id, command, flags, error, payload, fds = frame
+        return Message(msg_id, command, flags, error, payload.tobytes(), fds)
 
     def request(
         self,
@@ -229,9 +245,35 @@ class VfioUserClient:
             raise ProtocolError(f"reply to command {command} names command {reply.command}")
         if reply.is_error:
             close_fds(reply.fds)
-            code = reply.error or errno.EIO
-            raise AccessError(code, f"{Command.name_of(command)} refused: {os.strerror(code)}")
+            raise _refused(command, reply.error)
         return reply
+
+    def _transact(self, request: bytes, msg_id: int, command: int) -> bytes:
+        """Send a whole command without fds and return its reply's payload: the path of the
+        region accesses, with nothing on it beyond the codec."""
+        self.send_raw(request)
+        framer = self._framer
+        while True:
+            frame = framer.next()
+            if frame is None:
+                self._fill()
+                continue
+            reply_id, reply_command, flags, error, payload, fds = frame
+            kind = flags & TYPE_MASK
+            if kind == _COMMAND:
+                self._serve(Message(reply_id, reply_command, flags, error, payload.tobytes(), fds))
+                continue
+            if fds:
+                close_fds(fds)
+                raise ProtocolError(f"reply to command {command} brought fds")
+            if kind != _REPLY or reply_id != msg_id or reply_command != command:
+                raise ProtocolError(
+                    f"unexpected message {reply_id, reply_command, flags} while waiting for "
+                    f"{msg_id}"
+                )
+            if flags & _ERROR:
+                raise _refused(command, error)
+            return payload.tobytes()
 
     def wait_reply(self, msg_id: int) -> Message:
         """Read until the reply to ``msg_id``, serving server commands on the way."""
@@ -365,7 +407,13 @@ class VfioUserClient:
         argsz = REGION_INFO.size
         while True:
             payload, fd = self.region_info_raw(index, argsz)
-            info, wanted = decode_region_info(payload)
+            # The same reply decodes to the same (immutable) info: decode each reply once.
+            known = self._decoded.get(index)
+            if known is not None and known[0] == payload:
+                info, wanted = known[1], known[2]
+            else:
+                info, wanted = decode_region_info(payload)
+                self._decoded[index] = (payload, info, wanted)
             if wanted <= argsz:
                 break
             if fd is not None:
@@ -417,7 +465,9 @@ class VfioUserClient:
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         """REGION_READ: ``count`` bytes of region ``index`` at ``offset``."""
-        reply = self._call(Command.REGION_READ, REGION_RW.pack(offset, index, count))
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        request = _RW_REQUEST.pack(msg_id, _READ, _RW_REQUEST_SIZE, 0, 0, offset, index, count)
+        reply = self._transact(request, msg_id, _READ)
         if len(reply) < REGION_RW.size:
             raise ProtocolError(f"REGION_READ reply of {len(reply)} bytes")
         _, _, got = REGION_RW.unpack_from(reply)
@@ -427,11 +477,14 @@ class VfioUserClient:
 
     def write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> int:
         """REGION_WRITE; ``posted`` sends it without waiting (no reply, errors unseen)."""
-        payload = REGION_RW.pack(offset, index, len(data)) + data
         if posted:
+            payload = REGION_RW.pack(offset, index, len(data)) + data
             self.request(Command.REGION_WRITE, payload, no_reply=True)
             return len(data)
-        reply = self._call(Command.REGION_WRITE, payload)
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        size = _RW_REQUEST_SIZE + len(data)
+        request = _RW_REQUEST.pack(msg_id, _WRITE, size, 0, 0, offset, index, len(data)) + data
+        reply = self._transact(request, msg_id, _WRITE)
         if len(reply) < REGION_RW.size:
             raise ProtocolError(f"REGION_WRITE reply of {len(reply)} bytes")
         return int(REGION_RW.unpack_from(reply)[2])

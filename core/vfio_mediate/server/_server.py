@@ -252,15 +252,17 @@ class VfioUserServer:
             on_closed=lambda _: _ended(endpoint),
             max_dma_maps=fd_budget(len(self._endpoints)),
         )
+        # The session's thread may serve (and end) before this one runs again: first the books.
+        endpoint.sessions_served += 1
+        endpoint.session = session
+        endpoint._idle.clear()
         try:
             session.start()
         except Exception as exc:
             logger.error("%s: cannot open the device for pid %d: %s", endpoint.name, peer.pid, exc)
+            endpoint.sessions_served -= 1
+            _ended(endpoint)
             conn.close()
-            return
-        endpoint.sessions_served += 1
-        endpoint.session = session
-        endpoint._idle.clear()
 
 
 def _ended(endpoint: DeviceEndpoint) -> None:
