@@ -48,8 +48,8 @@ while True:
 """
 
 STARTUP_TIMEOUT = 30.0
-SLICE = 400
-"""Round trips per slice: short enough that a slice of each target fits every few ms."""
+SLICE = 1000
+"""Round trips per slice: short (some 10-30 ms), so that every target sees the same load."""
 _INTERRUPT_LINE = 0x3C
 _LINE_VALUE = b"\x0b\0\0\0"  # interrupt line 11 (pin, min_gnt, max_lat are read-only)
 _C_BAR = 2  # gpio-pci-idio-16's one BAR (256 bytes)

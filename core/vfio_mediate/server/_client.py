@@ -76,6 +76,10 @@ _READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _RW_REQUEST = struct.Struct("<HHIIIQII")
 """A region read or write request's header and REGION_RW in one."""
 _RW_REQUEST_SIZE = _RW_REQUEST.size
+_INFO = int(Command.DEVICE_GET_REGION_INFO)
+_INFO_REQUEST = struct.Struct("<HHIIIIII")
+"""A region info request's header and the first three fields of its payload."""
+_INFO_TAIL = bytes(REGION_INFO.size - 12)
 
 
 def _refused(command: int, code: int) -> AccessError:
@@ -248,9 +252,10 @@ class VfioUserClient:
             raise _refused(command, reply.error)
         return reply
 
-    def _transact(self, request: bytes, msg_id: int, command: int) -> bytes:
-        """Send a whole command without fds and return its reply's payload: the path of the
-        region accesses, with nothing on it beyond the codec."""
+    def _exchange(self, request: bytes, msg_id: int, command: int) -> tuple[memoryview, list[int]]:
+        """Send a whole command without fds and return its reply's payload and fds (now the
+        caller's), serving the server's commands meanwhile: nothing on the way beyond the
+        codec."""
         self.send_raw(request)
         framer = self._framer
         while True:
@@ -259,21 +264,27 @@ class VfioUserClient:
                 self._fill()
                 continue
             reply_id, reply_command, flags, error, payload, fds = frame
-            kind = flags & TYPE_MASK
-            if kind == _COMMAND:
+            if flags & TYPE_MASK == _COMMAND:
                 self._serve(Message(reply_id, reply_command, flags, error, payload.tobytes(), fds))
                 continue
-            if fds:
+            if flags & TYPE_MASK != _REPLY or reply_id != msg_id or reply_command != command:
                 close_fds(fds)
-                raise ProtocolError(f"reply to command {command} brought fds")
-            if kind != _REPLY or reply_id != msg_id or reply_command != command:
                 raise ProtocolError(
                     f"unexpected message {reply_id, reply_command, flags} while waiting for "
-                    f"{msg_id}"
+                    f"the reply to {msg_id}"
                 )
             if flags & _ERROR:
+                close_fds(fds)
                 raise _refused(command, error)
-            return payload.tobytes()
+            return payload, fds
+
+    def _transact(self, request: bytes, msg_id: int, command: int) -> memoryview:
+        """``_exchange`` of a command whose reply brings no fds."""
+        payload, fds = self._exchange(request, msg_id, command)
+        if fds:
+            close_fds(fds)
+            raise ProtocolError(f"reply to command {command} brought fds")
+        return payload
 
     def wait_reply(self, msg_id: int) -> Message:
         """Read until the reply to ``msg_id``, serving server commands on the way."""
@@ -392,14 +403,14 @@ class VfioUserClient:
     def region_info_raw(self, index: int, argsz: int) -> tuple[bytes, int | None]:
         """One GET_REGION_INFO with ``argsz``: the reply payload and the fd it brought (now the
         caller's)."""
-        reply = self.request(
-            Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(argsz, 0, index, 0, 0, 0)
-        )
-        assert reply is not None
-        if len(reply.fds) > 1:
-            close_fds(reply.fds)
-            raise ProtocolError(f"region info brought {len(reply.fds)} fds")
-        return reply.payload, reply.fds[0] if reply.fds else None
+        msg_id = self.next_id()
+        size = HEADER_SIZE + REGION_INFO.size
+        request = _INFO_REQUEST.pack(msg_id, _INFO, size, 0, 0, argsz, 0, index)
+        payload, fds = self._exchange(request + _INFO_TAIL, msg_id, _INFO)
+        if len(fds) > 1:
+            close_fds(fds)
+            raise ProtocolError(f"region info brought {len(fds)} fds")
+        return payload.tobytes(), fds[0] if fds else None
 
     def region_info(self, index: int) -> RegionInfo:
         """GET_REGION_INFO (asking again with a bigger argsz when the caps do not fit, as QEMU
@@ -473,7 +484,7 @@ class VfioUserClient:
         _, _, got = REGION_RW.unpack_from(reply)
         if got > count or len(reply) != REGION_RW.size + got:
             raise ProtocolError(f"REGION_READ of {count} bytes answered with {got}")
-        return reply[REGION_RW.size :]
+        return reply[REGION_RW.size :].tobytes()
 
     def write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> int:
         """REGION_WRITE; ``posted`` sends it without waiting (no reply, errors unseen)."""
