@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import struct
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
+from server_testlib import start
 
 from vfio_mediate import AccessError
 from vfio_mediate.server import VfioUserClient
 
-STARTUP_TIMEOUT = 30.0
 NO_SUCH_REGION = 42
-
-
-def serve_command(*arguments: str) -> list[str]:
-    script = shutil.which("vfio-mediate", path=str(Path(sys.executable).parent))
-    if script is not None:
-        return [script, *arguments]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from vfio_mediate.cli import main; sys.exit(main())",
-        *arguments,
-    ]
-
-
-def start(
-    arguments: list[str], env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    """Start the server and return it with its output up to "Ctrl-C stops"."""
-    process = subprocess.Popen(
-        serve_command(*arguments),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    watchdog = threading.Timer(STARTUP_TIMEOUT, process.kill)
-    watchdog.start()
-    lines: list[str] = []
-    try:
-        while not lines or not lines[-1].startswith("Ctrl-C stops"):
-            line = process.stdout.readline()
-            if not line:
-                raise AssertionError(f"the server did not start: {process.communicate()}")
-            lines.append(line)
-    finally:
-        watchdog.cancel()
-    return process, "".join(lines)
 
 
 def stop(process: subprocess.Popen[str], signum: int) -> tuple[int, str]:
