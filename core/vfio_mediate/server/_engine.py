@@ -284,7 +284,7 @@ class Session:
     def _read_loop(self) -> None:
         recvmsg, anc_space, framer = self._sock.recvmsg, self._anc_space, self._framer
         # At this level nothing is nested nor held: a command runs at once.
-        unpack, run = HEADER.unpack_from, self._run_command
+        unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
         while not self._closing:
             try:
                 data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
@@ -298,7 +298,14 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
-                    run(msg_id, command, flags, memoryview(data)[HEADER_SIZE:], [])
+                    handler = self._table[command] if command < _TABLE_SIZE else self._fallback
+                    try:
+                        handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])
+                    except Exception as exc:
+                        self._refuse(exc, msg_id, command, flags)
+                    else:
+                        if command not in keeps:
+                            invalidate()
                     continue
             if self._take(data, ancdata, msg_flags):
                 self._pump()
@@ -410,12 +417,25 @@ class Session:
                 self._check_fds(command, fds)
             handler = self._table[command] if command < _TABLE_SIZE else self._fallback
             handler(msg_id, flags, payload, fds)
-            if command not in _KEEPS_REGION_INFO:
-                self._regions.invalidate()
-            if fds:
-                close_fds(fds)
+        except Exception as exc:
+            close_fds(fds)  # before the client hears of the refusal
+            self._refuse(exc, msg_id, command, flags)
             return
-        except OSError as exc:
+        if command not in _KEEPS_REGION_INFO:
+            self._regions.invalidate()
+        if fds:
+            close_fds(fds)
+
+    def _refuse(self, exc: Exception, msg_id: int, command: int, flags: int) -> None:
+        """Answer a command that raised ``exc``: its errno (EIO for a bug, which is logged with
+        the mediator's name), or for a ``FatalError`` an error and the end of the session."""
+        self._regions.invalidate()
+        if isinstance(exc, FatalError):
+            if exc.code is not None and not flags & NO_REPLY:
+                self._sender.send(pack_error(msg_id, command, exc.code))
+            self._protocol_violation(str(exc))
+            return
+        if isinstance(exc, OSError):
             code = exc.errno or errno.EIO
             if logger.isEnabledFor(_INFO):
                 logger.info(
@@ -425,25 +445,18 @@ class Session:
                     errno.errorcode.get(code, code),
                     exc,
                 )
-        except ContractViolation as exc:
+        elif isinstance(exc, ContractViolation):
             code = errno.EIO
             logger.error("%s: command %d: %s", self.label, command, exc)
-        except FatalError as exc:
-            close_fds(fds)
-            if exc.code is not None and not flags & NO_REPLY:
-                self._sender.send(pack_error(msg_id, command, exc.code))
-            self._protocol_violation(str(exc))
-            return
-        except Exception:
+        else:
             code = errno.EIO
-            logger.exception(
+            logger.error(
                 "%s: command %s raised in the device or its mediator %s",
                 self.label,
                 Command.name_of(command),
                 self._mediator_name(),
+                exc_info=exc,
             )
-        close_fds(fds)
-        self._regions.invalidate()
         self.errors += 1
         if not flags & NO_REPLY:
             self._sender.send(pack_error(msg_id, command, code))

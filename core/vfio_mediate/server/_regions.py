@@ -37,6 +37,8 @@ __all__ = ["Regions"]
 _READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _RW_REPLY_SIZE = HEADER_SIZE + REGION_RW.size
 _MSG_ID = struct.Struct("<H")
+_RW_SIZE = REGION_RW.size
+_unpack_rw, _pack_reply = REGION_RW.unpack_from, REPLY_RW.pack
 
 
 @final
@@ -72,6 +74,7 @@ class Regions(CommandGroup):
         self.mapped_areas = mapped_areas
         self._replies: dict[int, _Reply] = {}
         self._max_count = config.max_data_xfer_size
+        self._read, self._write = device.read, device.write
 
     def handlers(self) -> dict[int, Handler]:
         return {
@@ -195,19 +198,19 @@ class Regions(CommandGroup):
             self._send(head + data)
 
     def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        if len(payload) < REGION_RW.size:
+        if len(payload) < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(payload)} bytes")
-        offset, index, count = REGION_RW.unpack_from(payload)
+        offset, index, count = _unpack_rw(payload)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"write of {count} bytes")
-        if count != len(payload) - REGION_RW.size:
+        if count != len(payload) - _RW_SIZE:
             raise AccessError(
-                errno.EINVAL, f"write of {count} bytes carries {len(payload) - REGION_RW.size}"
+                errno.EINVAL, f"write of {count} bytes carries {len(payload) - _RW_SIZE}"
             )
-        written = self.device.write(index, offset, payload[REGION_RW.size :].tobytes())
+        written = self._write(index, offset, payload[_RW_SIZE:].tobytes())
         if not flags & NO_REPLY:
             self._send(
-                REPLY_RW.pack(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)
+                _pack_reply(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)
             )
 
     def _write_multi(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
