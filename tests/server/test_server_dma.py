@@ -331,5 +331,5 @@ def test_reconnecting_clients_that_ignore_dma_never_hold_up_another_device(
         finally:
             stop.set()
             reader.join()
-        # The earlier design waited 0.2 s on the shared event loop for every such session.
+        # A wait on a thread every device shares would show here (0.2 s per session).
         assert worst < 0.15, f"a bystander read took {worst:.3f} s"
