@@ -245,6 +245,7 @@ class Session:
             self._teardown()
 
     def _teardown(self) -> None:
+        self._closing = True
         self.message_dma.close()
         self._sender.close()
         self._sock.close()

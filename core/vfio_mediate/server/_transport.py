@@ -30,6 +30,7 @@ FD_SIZE = array.array("i").itemsize
 _SCM = socket.SCM_RIGHTS
 _SOL = socket.SOL_SOCKET
 _TIMEVAL = struct.Struct("@ll")
+_write = os.write
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
@@ -78,9 +79,13 @@ class Framer:
         self._consumed = 0
         self._fds: deque[tuple[int, list[int]]] = deque()
         self._pending_fds = 0
+        self.idle = True
+        """Whether nothing is held (no part of a message, no fds), as of the last ``next``
+        that found no message: a read holding exactly one whole message may skip the framer."""
 
     def feed(self, data: bytes, fds: list[int]) -> None:
         """Add one read's bytes and fds; ``ProtocolError`` when fds pile up unclaimed."""
+        self.idle = False
         if fds:
             self._fds.append((self._received + len(data) - 1, fds))
             self._pending_fds += len(fds)
@@ -110,6 +115,7 @@ class Framer:
         available = len(self._data) - self._position
         if available < HEADER_SIZE:
             self._need = HEADER_SIZE
+            self.idle = not available and not self._fds
             return None
         start = self._position
         msg_id, command, size, flags, error = HEADER.unpack_from(self._data, start)
@@ -127,12 +133,6 @@ class Framer:
             self._pending_fds -= len(fds)
         payload = memoryview(self._data)[start + HEADER_SIZE : start + size]
         return msg_id, command, flags, error, payload, fds
-
-    @property
-    def idle(self) -> bool:
-        """Whether nothing is held: no part of a message, no fds (a read holding exactly one
-        whole message may then skip the framer)."""
-        return not self._parts and self._position >= len(self._data) and not self._fds
 
     def close(self) -> None:
         """Close the fds no message claimed."""
@@ -155,7 +155,7 @@ class Sender:
         self, sock: socket.socket, timeout: float, on_error: Callable[[str], None]
     ) -> None:
         self._sock = sock
-        self._send = sock.send
+        self._fd = sock.fileno()
         self._sendall = sock.sendall
         self._timeout = timeout
         self._on_error = on_error
@@ -180,7 +180,8 @@ class Sender:
                     if sent < len(data):
                         self._sendall(memoryview(data)[sent:])
                 else:
-                    sent = self._send(data)
+                    # os.write: the thinnest call there is (the socket blocks, with a timeout).
+                    sent = _write(self._fd, data)
                     if sent < len(data):
                         self._sendall(memoryview(data)[sent:])
             except BlockingIOError:
