@@ -34,7 +34,15 @@ from collections.abc import Callable
 from typing import final
 
 from .._errors import AccessError, ContractViolation
-from ._codec import HEADER, HEADER_SIZE, Command, DmaLayout, ProtocolError, pack_error
+from ._codec import (
+    HEADER,
+    HEADER_SIZE,
+    REGION_RW,
+    Command,
+    DmaLayout,
+    ProtocolError,
+    pack_error,
+)
 from ._command import NO_REPLY, REPLY, FatalError, Handler
 from ._config import PeerCredentials, ServerConfig
 from ._dma_maps import DmaMaps
@@ -54,6 +62,8 @@ _RECV_SIZE = 1 << 16
 _TYPE_MASK = 0xF
 _COMMAND = 0
 _TABLE_SIZE = max(Command) + 1
+_READ = int(Command.REGION_READ)
+_READ_SIZE = HEADER_SIZE + REGION_RW.size
 _FD_LOST = -2
 """Stands for an fd the kernel could not give: the process is at its fd limit."""
 _HELD_LIMIT, _HELD_BYTES_LIMIT = 4096, 64 << 20
@@ -165,7 +175,7 @@ class Session:
         }
         for group in self._groups:
             handlers.update(group.handlers())
-        self._after_version: list[Handler] = [
+        self._after: list[Handler] = [
             handlers.get(number, self._unknown) for number in range(_TABLE_SIZE)
         ]
         self._table: list[Handler] = [self._before_version] * _TABLE_SIZE
@@ -286,6 +296,7 @@ class Session:
         recvmsg, anc_space, framer = self._sock.recvmsg, self._anc_space, self._framer
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
+        unpack_rw, read_region = REGION_RW.unpack_from, self._regions.read_region
         while not self._closing:
             try:
                 data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
@@ -299,6 +310,14 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
+                    if command == _READ and size == _READ_SIZE and self._table is self._after:
+                        # The hottest command of all, without building its payload.
+                        try:
+                            offset, index, count = unpack_rw(data, HEADER_SIZE)
+                            read_region(msg_id, flags, offset, index, count)
+                        except Exception as exc:
+                            self._refuse(exc, msg_id, command, flags)
+                        continue
                     handler = self._table[command] if command < _TABLE_SIZE else self._fallback
                     try:
                         handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])
@@ -477,7 +496,7 @@ class Session:
         return record.describe() if record is not None else "(none: passthrough)"
 
     def _negotiated(self) -> None:
-        self._table, self._fallback = self._after_version, self._unknown
+        self._table, self._fallback = self._after, self._unknown
 
     def _before_version(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         raise FatalError(errno.EINVAL, "command before VERSION")

@@ -184,18 +184,22 @@ class Regions(CommandGroup):
     # -- region access (the hot path: no validation beyond bounds, no formatting) -------
 
     def _region_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        if len(payload) < REGION_RW.size:
+        if len(payload) < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_READ payload of {len(payload)} bytes")
-        offset, index, count = REGION_RW.unpack_from(payload)
+        offset, index, count = _unpack_rw(payload)
+        self.read_region(msg_id, flags, offset, index, count)
+
+    def read_region(self, msg_id: int, flags: int, offset: int, index: int, count: int) -> None:
+        """REGION_READ whose fields are unpacked (the engine's path for a whole one)."""
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"read of {count} bytes")
-        data = self.device.read(index, offset, count)
+        data = self._read(index, offset, count)
         if not flags & NO_REPLY:
             size = len(data)
-            head = REPLY_RW.pack(
-                msg_id, _READ, _RW_REPLY_SIZE + size, REPLY, 0, offset, index, size
+            self._send(
+                _pack_reply(msg_id, _READ, _RW_REPLY_SIZE + size, REPLY, 0, offset, index, size)
+                + data
             )
-            self._send(head + data)
 
     def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         if len(payload) < _RW_SIZE:
