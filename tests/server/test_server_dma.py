@@ -305,15 +305,17 @@ def test_reconnecting_clients_that_ignore_dma_never_hold_up_another_device(
         silent_end = background.add(make_test_device("svtest-silent"), socket_dir / "s.sock")
         other_end = background.add(make_test_device("svtest-other"), socket_dir / "o.sock")
         other = connect(other_end)
-        worst = 0.0
+        stalled = 0.0
         stop = threading.Event()
 
         def bystander() -> None:
-            nonlocal worst
+            nonlocal stalled
             while not stop.is_set():
                 started = time.monotonic()
                 other.read(0, REG_SRC, 4)
-                worst = max(worst, time.monotonic() - started)
+                took = time.monotonic() - started
+                if took > 0.1:
+                    stalled += took
 
         reader = threading.Thread(target=bystander)
         reader.start()
@@ -331,5 +333,5 @@ def test_reconnecting_clients_that_ignore_dma_never_hold_up_another_device(
         finally:
             stop.set()
             reader.join()
-        # A wait on a thread every device shares would show here (0.2 s per session).
-        assert worst < 0.15, f"a bystander read took {worst:.3f} s"
+        # A wait on a thread every device shares would show here: 0.2 s per session, 2 s in all.
+        assert stalled < 0.5, f"the bystander stalled {stalled:.3f} s"

@@ -71,6 +71,7 @@ __all__ = ["Message", "VfioUserClient"]
 
 _QEMU_MAX_BITMAP_SIZE = 256 << 20
 _RECV_SIZE = 1 << 16
+_TIMEVAL = struct.Struct("@ll")
 _COMMAND, _REPLY, _ERROR = int(HeaderFlag.COMMAND), int(HeaderFlag.REPLY), int(HeaderFlag.ERROR)
 _READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _RW_REQUEST = struct.Struct("<HHIIIQII")
@@ -143,7 +144,9 @@ class VfioUserClient:
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
         self._local_starts: list[int] = []
-        sock.settimeout(timeout)
+        # A blocking socket with kernel timeouts: one recvmsg per reply, no poll before it.
+        sock.settimeout(None)
+        self._set_timeouts(timeout)
 
     @classmethod
     def connect(
@@ -205,13 +208,24 @@ class VfioUserClient:
                     self.sock.sendall(memoryview(data)[sent:])
             else:
                 self.sock.sendall(data)
+        except BlockingIOError:
+            raise TimeoutError("the server takes nothing more in time") from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
 
+    def _set_timeouts(self, timeout: float | None) -> None:
+        seconds = 0.0 if timeout is None else max(timeout, 1e-6)
+        whole = int(seconds)
+        value = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
     def _fill(self) -> None:
-        """One read into the framer (blocking up to the timeout)."""
+        """One read into the framer (blocking up to the timeout: ``TimeoutError``)."""
         try:
             data, ancdata, _, _ = self.sock.recvmsg(_RECV_SIZE, self._anc_space)
+        except BlockingIOError:
+            raise TimeoutError("no message from the server in time") from None
         except ConnectionResetError as exc:
             raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
         if not data:
@@ -303,7 +317,7 @@ class VfioUserClient:
         """Serve the server's requests that arrive within ``timeout`` seconds; returns how many
         were served."""
         served = 0
-        self.sock.settimeout(timeout)
+        self._set_timeouts(timeout)
         try:
             while True:
                 try:
@@ -316,7 +330,7 @@ class VfioUserClient:
                 self._serve(message)
                 served += 1
         finally:
-            self.sock.settimeout(self._timeout)
+            self._set_timeouts(self._timeout)
 
     def _serve(self, message: Message) -> None:
         """Answer a server command: DMA_READ/DMA_WRITE from local memory, anything else ENOSYS
