@@ -62,8 +62,8 @@ _RECV_SIZE = 1 << 16
 _TYPE_MASK = 0xF
 _COMMAND = 0
 _TABLE_SIZE = max(Command) + 1
-_READ = int(Command.REGION_READ)
-_READ_SIZE = HEADER_SIZE + REGION_RW.size
+_READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
+_RW_MESSAGE = HEADER_SIZE + REGION_RW.size
 _FD_LOST = -2
 """Stands for an fd the kernel could not give: the process is at its fd limit."""
 _HELD_LIMIT, _HELD_BYTES_LIMIT = 4096, 64 << 20
@@ -297,6 +297,7 @@ class Session:
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
         unpack_rw, read_region = REGION_RW.unpack_from, self._regions.read_region
+        write_region = self._regions.write_region
         while not self._closing:
             try:
                 data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
@@ -310,14 +311,21 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
-                    if command == _READ and size == _READ_SIZE and self._table is self._after:
-                        # The hottest command of all, without building its payload.
+                    if command <= _WRITE and size >= _RW_MESSAGE and self._table is self._after:
+                        # The hottest commands, without building a payload view.
                         try:
                             offset, index, count = unpack_rw(data, HEADER_SIZE)
-                            read_region(msg_id, flags, offset, index, count)
+                            if command == _READ and size == _RW_MESSAGE:
+                                read_region(msg_id, flags, offset, index, count)
+                                continue
+                            if command == _WRITE:
+                                write_region(
+                                    msg_id, flags, offset, index, count, data[_RW_MESSAGE:]
+                                )
+                                continue
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
-                        continue
+                            continue
                     handler = self._table[command] if command < _TABLE_SIZE else self._fallback
                     try:
                         handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])

@@ -205,13 +205,18 @@ class Regions(CommandGroup):
         if len(payload) < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(payload)} bytes")
         offset, index, count = _unpack_rw(payload)
+        self.write_region(msg_id, flags, offset, index, count, payload[_RW_SIZE:].tobytes())
+
+    def write_region(
+        self, msg_id: int, flags: int, offset: int, index: int, count: int, data: bytes
+    ) -> None:
+        """REGION_WRITE whose fields are unpacked (the engine's path for a whole one)."""
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"write of {count} bytes")
-        if count != len(payload) - _RW_SIZE:
-            raise AccessError(
-                errno.EINVAL, f"write of {count} bytes carries {len(payload) - _RW_SIZE}"
-            )
-        written = self._write(index, offset, payload[_RW_SIZE:].tobytes())
+        if count != len(data):
+            raise AccessError(errno.EINVAL, f"write of {count} bytes carries {len(data)}")
+        written = self._write(index, offset, data)
+        self._replies.clear()  # what the mediator answers may change with any write
         if not flags & NO_REPLY:
             self._send(
                 _pack_reply(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)
