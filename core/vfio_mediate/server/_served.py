@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from .._backend import RegionMapping, Trigger
-from .._dma import DmaSpace
+from .._dma import DmaMapping, DmaSpace
 from ..uapi import DeviceInfo, IrqInfo, MigrationState, RegionInfo
 
 __all__ = ["ServedDevice"]
@@ -40,6 +40,20 @@ class ServedDevice(Protocol):
         self, index: int, start: int, triggers: Sequence[Trigger | None]
     ) -> None: ...
     def fire_irqs(self, index: int, start: int, count: int) -> None: ...
+    def dma_map(
+        self,
+        iova: int,
+        size: int,
+        fd: int,
+        offset: int = 0,
+        *,
+        readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping: ...
+    def dma_map_remote(
+        self, iova: int, size: int, remote: Any, *, readable: bool = True, writable: bool = True
+    ) -> DmaMapping: ...
+    def dma_unmap(self, iova: int, size: int) -> None: ...
     def reset(self) -> None: ...
     @property
     def migration_flags(self) -> int: ...
