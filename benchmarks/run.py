@@ -3,7 +3,8 @@
 Run: ``python benchmarks/run.py [--json] [--peer PATH] [--rounds N]``. Sections: the per-access
 path (``bench_rw``), the socket path against its floors with a minimal raw client and with
 ``VfioUserClient`` (``bench_socket``), a mapped access, a dirty report and STOP_COPY throughput
-(``bench_migration``), and a soak under hostile clients (``bench_soak``). With ``--peer PATH``
+(``bench_migration``), a soak under hostile clients (``bench_soak``), and with ``--vfio-device
+ADDRESS`` a device bound to vfio-pci (``bench_vfio``). With ``--peer PATH``
 (a built libvfio-user ``samples/gpio-pci-idio-16``) the same raw client drives both servers in
 alternating short slices over many rounds and the median of the per-round ratios ours/C is given
 per measure. ``--json`` prints one JSON object instead of the text report.
@@ -26,6 +27,7 @@ import bench_migration
 import bench_rw
 import bench_soak
 import bench_socket
+import bench_vfio
 
 PEER_TARGET = 0.9
 CLIENT_TARGET = 1.2
@@ -37,6 +39,9 @@ def main() -> None:
     parser.add_argument("--peer", type=Path, metavar="PATH", help="libvfio-user gpio-pci-idio-16")
     parser.add_argument("--rounds", type=int, default=15, help="rounds of alternating slices")
     parser.add_argument("--skip-soak", action="store_true", help="leave out the soak")
+    parser.add_argument(
+        "--vfio-device", metavar="ADDRESS", help="also measure a device bound to vfio-pci"
+    )
     args = parser.parse_args()
     if args.peer is not None and not args.peer.is_file():
         raise SystemExit(f"run.py: --peer {args.peer}: no such file")
@@ -47,6 +52,8 @@ def main() -> None:
     }
     if not args.skip_soak:
         report["soak"] = bench_soak.measurements()
+    if args.vfio_device is not None:
+        report["vfio_pci_ns"] = bench_vfio.run(args.vfio_device, 20_000)
     report["targets"] = targets(report["socket"])
     if args.json:
         print(json.dumps(report, indent=1))
@@ -89,6 +96,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {name:<40} {value}")
     for name, value in report.get("soak", {}).items():
         print(f"  soak {name:<35} {value}")
+    for name, value in report.get("vfio_pci_ns", {}).items():
+        print(f"  vfio-pci {name:<31} {value}")
     print("targets:")
     for name, check in report["targets"].items():
         verdict = "met" if check["met"] else "NOT met"
