@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -40,10 +41,12 @@ def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def two_devices(socket_dir: Path, max_fds: int) -> tuple[subprocess.Popen[str], Path, Path]:
-    """``vfio-mediate serve`` of two VFs under an fd limit of ``max_fds``."""
+def two_devices(
+    socket_dir: Path, max_fds: int, *options: str
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    """``vfio-mediate [options] serve`` of two VFs under an fd limit of ``max_fds``."""
     first, second = socket_dir / "a.sock", socket_dir / "b.sock"
-    arguments = ["serve", "--device", "i40e-vf", "--device", "i40e-vf"]
+    arguments = [*options, "serve", "--device", "i40e-vf", "--device", "i40e-vf"]
     process, _ = start(
         [*arguments, "--socket", str(first), "--socket", str(second)], max_fds=max_fds
     )
@@ -101,6 +104,28 @@ def test_max_dma_maps_is_what_the_fd_limit_holds_and_the_limit_is_told(socket_di
         os.close(memfd)
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=15)
+
+
+def test_fds_the_server_cannot_receive_are_emfile_naming_the_limit(socket_dir: Path) -> None:
+    process, first_path, _ = two_devices(socket_dir, MAX_FDS, "-v")
+    memfd, memory = anonymous_memory(PAGE)
+    try:
+        with VfioUserClient.connect(first_path) as client:
+            in_use = {int(name) for name in os.listdir(f"/proc/{process.pid}/fd")}
+            lowest_free = min(set(range(len(in_use) + 1)) - in_use)
+            # The next fd the server gets would be at or above its limit.
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (lowest_free, MAX_FDS))
+            with pytest.raises(AccessError) as refused:
+                client.dma_map(IOVA, PAGE, memfd)
+            assert refused.value.errno == errno.EMFILE
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (MAX_FDS, MAX_FDS))
+            client.dma_map(IOVA, PAGE, memfd)  # the session goes on
+    finally:
+        memory.close()
+        os.close(memfd)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=15)
+    assert "no fd left for this message's fds (RLIMIT_NOFILE" in stderr
 
 
 def test_dma_map_beyond_what_mmap_takes_is_einval_not_a_mediator_bug(

@@ -306,8 +306,8 @@ class Session:
             except OSError as exc:
                 self._end(f"receive failed: {exc}")
                 return
-            if not ancdata and len(data) >= HEADER_SIZE and framer.idle:
-                # The usual read: exactly one whole command, no fds.
+            if not ancdata and not msg_flags and len(data) >= HEADER_SIZE and framer.idle:
+                # The usual read: exactly one whole command, no fds (none dropped either).
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
