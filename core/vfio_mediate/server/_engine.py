@@ -175,7 +175,7 @@ class Session:
         }
         for group in self._groups:
             handlers.update(group.handlers())
-        self._after: list[Handler] = [
+        self._negotiated_table: list[Handler] = [
             handlers.get(number, self._unknown) for number in range(_TABLE_SIZE)
         ]
         self._table: list[Handler] = [self._before_version] * _TABLE_SIZE
@@ -311,7 +311,11 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
-                    if command <= _WRITE and size >= _RW_MESSAGE and self._table is self._after:
+                    if (
+                        command <= _WRITE
+                        and size >= _RW_MESSAGE
+                        and self._table is self._negotiated_table
+                    ):
                         # The hottest commands, without building a payload view.
                         try:
                             offset, index, count = unpack_rw(data, HEADER_SIZE)
@@ -504,7 +508,7 @@ class Session:
         return record.describe() if record is not None else "(none: passthrough)"
 
     def _negotiated(self) -> None:
-        self._table, self._fallback = self._after, self._unknown
+        self._table, self._fallback = self._negotiated_table, self._unknown
 
     def _before_version(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         raise FatalError(errno.EINVAL, "command before VERSION")
