@@ -625,3 +625,19 @@ def test_iavf_sized_rings(make_vf: Callable[..., Vf]) -> None:
     _, state = vf.model.queue_view(0)
     assert (state.tx_len, state.rx_len, state.rx_buf_size) == (512, 512, 1536)
     assert state.tx_head == state.rx_head == 700 - 512
+
+
+def test_an_admin_ring_outside_dma_memory_sets_crit(
+    vf: Vf, caplog: pytest.LogCaptureFixture
+) -> None:
+    guest = vf.guest()
+    vf.set_reg(r.VF_ATQBAL, 0x1000)  # nothing mapped there
+    vf.set_reg(r.VF_ATQBAH, 0)
+    with caplog.at_level(logging.WARNING):
+        vf.set_reg(r.VF_ATQT, (vf.reg(r.VF_ATQH) + 1) % 32)
+    assert vf.reg(r.VF_ATQLEN) & r.AQ_CRIT and "admin queue DMA fault" in caplog.text
+    assert vf.model.name in caplog.text
+    vf.set_reg(r.VF_ATQLEN, 0)  # iavf's recovery after its timeout: the AQ from scratch
+    guest.shutdown_admin_queue()
+    guest.init_admin_queue()
+    assert guest.expect_ok(vc.OP_VERSION, vc.VERSION.pack(1, 1)) == vc.VERSION.pack(1, 1)
