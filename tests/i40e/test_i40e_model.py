@@ -179,7 +179,7 @@ def queue_pair(guest: Guest, **fields: int) -> bytes:
 
 
 INVALID = {
-    "ring outside DMA memory": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, rx_ring=0x10)),
+    "ring outside DMA memory": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, rx_ring=0x80)),
     "ring not aligned": lambda g: (
         vc.OP_CONFIG_VSI_QUEUES,
         queue_pair(g, tx_ring=g.pairs[0].tx_ring + 64),
@@ -220,6 +220,8 @@ def test_invalid_parameters_are_err_param_with_a_log_line(
     with caplog.at_level(logging.INFO, logger="i40e_mediator"):
         assert guest.request(opcode, payload) == (vc.STATUS_ERR_PARAM, b"")
     assert [m for m in caplog.messages if "refused (status -5)" in m]
+    if what == "ring outside DMA memory":
+        assert "RX ring at 0x80 is outside DMA memory" in caplog.text
     assert guest.send(0, 300) and guest.clean(0) == 1  # nothing else changed
 
 
