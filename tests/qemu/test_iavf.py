@@ -2,7 +2,7 @@
 ``vfio-mediate serve --device i40e-vf --device i40e-vf``, talk through the emulated switch.
 
 Both guests boot once for the module; the checks run in order in those boots: iavf binds and
-reports link up, ping both ways, 1 MiB over TCP (TX checksum offload and TSO) checked by hash
+reports link up, ping both ways, a multicast ping, 1 MiB over TCP (TX checksum offload and TSO) checked by hash
 on both sides, an MTU change (a VF reset in iavf) then ping again, a driver that never
 complained, and a server log without a traceback.
 
@@ -119,6 +119,19 @@ def test_ping_both_ways(pair: Pair) -> None:
     first, second = pair.guests
     ping(first, ADDRESSES[1])
     ping(second, ADDRESSES[0])
+
+
+def test_multicast_reaches_the_other_guest(pair: Pair) -> None:
+    """A ping to all-hosts (224.0.0.1) reaches the other guest through the multicast filter
+    its iavf set (01:00:5e:00:00:01). (Broadcast flooding carried every ARP request so far.)"""
+    pair.up()
+    sender, receiver = pair.guests
+    name = pair.interfaces[sender.name]
+    receiver.run("echo 0 > /proc/sys/net/ipv4/icmp_echo_ignore_broadcasts")
+    sender.run(f"ip route add 224.0.0.0/4 dev {name}")
+    output = sender.run("ping -c 3 -W 2 224.0.0.1", check=False)
+    # the sender may answer its own multicast ping: only the other guest's reply counts
+    assert f"from {ADDRESSES[1]}" in output, output
 
 
 def sha256(guest: Guest, path: str) -> str:
