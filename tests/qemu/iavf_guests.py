@@ -142,6 +142,7 @@ class Guest:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the initramfs has loaded the modules and started the shell."""
         self._wait_for(re.compile(rb"GUEST-SHELL-READY"), 0, timeout)
+        self.run("true")  # takes the shell's banner, which must not end up in a command's output
 
     def run(self, command: str, timeout: float = 30.0, check: bool = True) -> str:
         """Run one shell command line in the guest; its output. A non-zero status raises
