@@ -4,9 +4,8 @@
 Both guests boot once for the module; the checks run in order in those boots: iavf binds and
 reports link up, ping both ways, a multicast ping, 1 MiB over TCP/IPv4 and TCP/IPv6 (TX
 checksum offload and TSO) checked by hash on both sides, UDP datagrams with valid checksums
-(the device inserts them), an MTU change (a VF reset in iavf)
-then ping again, a driver that never complained, and a server log without a traceback or
-warning.
+(the device inserts them), an MTU change (a VF reset in iavf) then ping again, a driver that
+never complained, and a server log without a traceback or warning.
 
 Seen from these guests (Debian 6.12): iavf sends CONFIG_VSI_QUEUES, CONFIG_IRQ_MAP and
 ADD_ETH_ADDR/DEL_ETH_ADDR one list element longer than their count says (the size of the old
