@@ -3,19 +3,23 @@ faults, mapped pages."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from i40e_mediator import registers as r
 from i40e_mediator import virtchnl as vc
 from i40e_mediator.guest import TX_BUF_SIZE, Guest, packet_bytes
 from i40e_mediator.offload import internet_checksum
 from i40e_mediator.switch import SWITCH
-from i40e_support import Vf, WriteRecorder
+from i40e_support import GUEST_IOVA, MEMORY_SIZE, Vf, WriteRecorder
 
-from vfio_mediate import Config
+from vfio_mediate import Config, MediatedDevice, MediatorRegistry, create_device
 from vfio_mediate.uapi import PAGE_SIZE, MigrationState, RegionFlag, RegionIndex
 
 
@@ -524,3 +528,100 @@ def test_unaligned_and_wide_register_accesses(vf: Vf) -> None:
     assert length <= TX_BUF_SIZE
     vf.device.write(r.BAR0, r.qtx_tail(0), (1).to_bytes(2, "little"))
     assert guest.take_frames(0) == [packet_bytes(guest.mac, guest.partner.mac, 0, 0, 64)]
+
+
+def test_too_many_filters_are_refused(vf: Vf) -> None:
+    guest = vf.guest()
+    groups = [b"\x01\x00\x5e\x00\x01" + bytes([i]) for i in range(63)]
+    guest.expect_ok(vc.OP_ADD_ETH_ADDR, guest.address_list(groups))  # 64 with the MAC
+    extra = guest.address_list([b"\x01\x00\x5e\x00\x02\x00"])
+    assert guest.request(vc.OP_ADD_ETH_ADDR, extra) == (vc.STATUS_ERR_PARAM, b"")
+    assert len(vf.model.port.filters[1]) == 63
+
+
+LENGTHS = {
+    vc.OP_VERSION: [8],
+    vc.OP_GET_VF_RESOURCES: [0, 4],
+    vc.OP_CONFIG_VSI_QUEUES: [8 + 64, 8 + 128],
+    vc.OP_CONFIG_IRQ_MAP: [2 + 12, 2 + 24, 2 + 36],
+    vc.OP_ENABLE_QUEUES: [12],
+    vc.OP_DISABLE_QUEUES: [12],
+    vc.OP_ADD_ETH_ADDR: [4 + 8, 4 + 16],
+    vc.OP_DEL_ETH_ADDR: [4 + 8, 4 + 16],
+    vc.OP_CONFIG_PROMISCUOUS_MODE: [4],
+    vc.OP_GET_STATS: [12],
+}
+
+
+ANSWERED: Counter[int] = Counter()
+
+
+def test_random_requests_are_always_answered() -> None:
+    ANSWERED.clear()
+    _random_requests_are_answered()
+    assert ANSWERED[vc.STATUS_SUCCESS] and ANSWERED[vc.STATUS_ERR_PARAM]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def _random_requests_are_answered(data: st.DataObject) -> None:
+    """Requests of the right length but any content (the count fields kept consistent):
+    every one gets exactly one reply of a known status and the device keeps working."""
+    answered = ANSWERED
+    backend = create_device("i40e-vf", name="fuzz")
+    memory = memoryview(bytearray(MEMORY_SIZE))
+    backend.dma.map_memory(GUEST_IOVA, memory)
+    try:
+        with MediatedDevice(backend, _registry()) as device:
+            guest = Guest(device, memory, GUEST_IOVA)
+            guest.start()
+            for _ in range(data.draw(st.integers(1, 6))):
+                opcode = data.draw(st.sampled_from(sorted(LENGTHS)))
+                length = data.draw(st.sampled_from(LENGTHS[opcode]))
+                payload = bytearray(data.draw(st.binary(min_size=length, max_size=length)))
+                vsi = struct.pack("<H", guest.vsi_id)
+                if opcode == vc.OP_CONFIG_VSI_QUEUES:
+                    payload[0:4] = vsi + struct.pack("<H", (length - 8) // 64)
+                    for at in range(8, length, 64):  # small queue ids and ring lengths
+                        payload[at : at + 6] = vsi + bytes([payload[at + 2] & 3, 0, 0, 2])
+                        payload[at + 24 : at + 28] = vsi + payload[at + 2 : at + 4]
+                elif opcode == vc.OP_CONFIG_IRQ_MAP:
+                    payload[0:2] = struct.pack("<H", (length - 2) // 12)
+                    for at in range(2, length, 12):
+                        payload[at : at + 2] = vsi
+                        payload[at + 2] &= 7  # vector ids around the VF's 5
+                elif opcode in (vc.OP_ADD_ETH_ADDR, vc.OP_DEL_ETH_ADDR):
+                    payload[0:4] = vsi + struct.pack("<H", (length - 4) // 8)
+                elif opcode in (vc.OP_ENABLE_QUEUES, vc.OP_DISABLE_QUEUES, vc.OP_GET_STATS):
+                    payload[0:2] = vsi
+                    payload[4:12] = bytes([payload[4] & 0x1F, 0, 0, 0, payload[8] & 0x1F, 0, 0, 0])
+                elif opcode == vc.OP_CONFIG_PROMISCUOUS_MODE:
+                    payload[0:2] = vsi
+                status, _ = guest.request(opcode, bytes(payload))
+                assert status in (vc.STATUS_SUCCESS, vc.STATUS_ERR_PARAM)
+                answered[status] += 1
+            guest.reset()
+            assert guest.send(0, 100) and guest.clean(0) == 1
+    finally:
+        backend.close()
+
+
+@functools.cache
+def _registry() -> MediatorRegistry:
+    return MediatorRegistry.from_entry_points()
+
+
+def test_iavf_sized_rings(make_vf: Callable[..., Vf]) -> None:
+    """512 descriptors per ring and 1536-byte buffers, what iavf configures."""
+    vf = make_vf("big", size=8 << 20)
+    guest = vf.guest(ring_len=r.RING_LEN_DEFAULT, buf_size=1536, queues=1)
+    for sequence in range(700):  # wraps both rings
+        assert guest.send(0, 60 + sequence * 13 % 1400)
+        if sequence % 100 == 99:
+            guest.clean(0)
+            guest.post_rx(0)
+    guest.clean(0)
+    assert guest.stats()["received"] == 700 and guest.stats()["corrupt"] == 0
+    _, state = vf.model.queue_view(0)
+    assert (state.tx_len, state.rx_len, state.rx_buf_size) == (512, 512, 1536)
+    assert state.tx_head == state.rx_head == 700 - 512

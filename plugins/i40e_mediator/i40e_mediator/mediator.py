@@ -534,6 +534,10 @@ def mediator_set_state(handle: I40eHandle, current: int, new: int) -> bytes | No
     saved = encode(model.snapshot()) if saving else None
     if new in _RUNNING:
         model.resume()
+        if handle.log is not None:
+            with handle.lock:  # requests latched while stopped were served just now
+                handle.settle_all(unseen=True)
+                handle.mark_admin_transmit_ring()
     return saved
 
 

@@ -39,9 +39,9 @@ The core's emulated PCI function does config space, BAR memory and MSI-X from ``
   must act at once (derived from the handler tables): the TX tail page, the interrupt control
   pages, the admin queue pages (ATQT/ARQT/ATQLEN/ARQLEN) and the VFGEN_RSTAT page.
 - **Migration.** ``quiesce``/``resume`` stop and restart all DMA and interrupts (tail writes
-  are latched meanwhile, frames for the VF dropped); ``snapshot``/``restore`` save and load a
-  ``state.VfState``: registers, queues, vectors, MSI-X, admin queue messages, the virtchnl
-  negotiation, the switch-port filters and the statistics.
+  are latched meanwhile, frames for the VF dropped uncounted); ``snapshot``/``restore`` save
+  and load a ``state.VfState``: registers, queues, vectors, MSI-X, admin queue messages, the
+  virtchnl negotiation, the switch-port filters and the statistics.
 
 Like the real VF it cannot say which pages it wrote; only the DMA space can record that.
 """
@@ -823,6 +823,8 @@ class I40eVf:
     def deliver(self, frame: bytes) -> None:
         """A frame from the switch (its filters accepted it) for RX queue 0."""
         with self._lock:
+            if not self._running:
+                return  # a stopped VF's state must not change: the switch drops the frame
             queue = self._queues[0]
             if not (queue.rx_enabled and self.can_dma()):
                 queue.rx_discards += 1

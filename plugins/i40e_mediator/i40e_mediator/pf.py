@@ -35,6 +35,8 @@ VSI_ID = 3
 """The VSI id of the VF's only VSI (any value; the VF echoes it in every request)."""
 
 _BROADCAST = b"\xff" * 6
+MAX_FILTERS = 64
+"""Unicast plus multicast addresses one VF may filter on (the PF's limit for a VF)."""
 
 
 @dataclass
@@ -168,43 +170,23 @@ class PfResponder:
             )
         configs = []
         for index in range(count):
-            (
-                tx_vsi,
-                tx_queue,
-                tx_len,
-                headwb,
-                tx_base,
-                _,
-                rx_vsi,
-                rx_queue,
-                rx_len,
-                hdr_size,
-                split,
-                buf_size,
-                max_pkt,
-                _,
-                rxdid,
-                _,
-                _,
-                rx_base,
-                _,
-                _,
-            ) = vc.QUEUE_PAIR.unpack_from(
-                payload, vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size
-            )
-            self._check_vsi(tx_vsi)
-            self._check_vsi(rx_vsi)
-            if tx_queue != rx_queue or not 0 <= tx_queue < self.vf.queue_pairs:
+            at = vc.VSI_QUEUE_CONFIG.size + index * vc.QUEUE_PAIR.size
+            pair = vc.QueuePairInfo._make(vc.QUEUE_PAIR.unpack_from(payload, at))
+            self._check_vsi(pair.tx_vsi)
+            self._check_vsi(pair.rx_vsi)
+            queue = pair.tx_queue
+            if queue != pair.rx_queue or not 0 <= queue < self.vf.queue_pairs:
                 raise _Refused(
-                    vc.STATUS_ERR_PARAM, f"queue pair {tx_queue}/{rx_queue} does not exist"
+                    vc.STATUS_ERR_PARAM, f"queue pair {queue}/{pair.rx_queue} does not exist"
                 )
-            if headwb or split or hdr_size or rxdid:
+            if pair.headwb_enabled or pair.splithdr_enabled or pair.hdr_size or pair.rxdid:
                 raise _Refused(
                     vc.STATUS_ERR_PARAM,
-                    f"queue {tx_queue}: head write-back, header split and flexible RX "
+                    f"queue {queue}: head write-back, header split and flexible RX "
                     "descriptors are not implemented",
                 )
-            configs.append((tx_queue, (tx_base, tx_len, rx_base, rx_len, buf_size, max_pkt)))
+            rings = (pair.tx_ring, pair.tx_ring_len, pair.rx_ring, pair.rx_ring_len)
+            configs.append((queue, (*rings, pair.databuffer_size, pair.max_pkt_size)))
         try:
             for queue, config in configs:
                 self.vf.check_queue(queue, *config)
@@ -249,6 +231,8 @@ class PfResponder:
                     vc.STATUS_ERR_PARAM, f"address {address.hex(':')} cannot be a filter"
                 )
         port = self.port
+        if add and len({*port.unicast, *port.multicast, *addresses}) > MAX_FILTERS:
+            raise _Refused(vc.STATUS_ERR_PARAM, f"more than {MAX_FILTERS} MAC filters")
         for address in addresses:
             table = port.multicast if address[0] & 1 else port.unicast
             if add and address not in table:

@@ -9,6 +9,7 @@ A message travels in an admin queue buffer; its opcode rides in the descriptor's
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 __all__ = [
     "ETHER_ADDR",
@@ -20,6 +21,7 @@ __all__ = [
     "VERSION",
     "VF_RESOURCE",
     "VSI_RESOURCE",
+    "QueuePairInfo",
     "padded_list",
     "request_length_ok",
 ]
@@ -77,6 +79,33 @@ VF_RESOURCE = struct.Struct("<HHHHIII")  # num_vsis, queue pairs, max_vectors, m
 VSI_RESOURCE = struct.Struct("<HHiH6s")  # vsi_id, queue pairs, vsi_type, qset_handle, mac
 VSI_QUEUE_CONFIG = struct.Struct("<HHI")  # vsi_id, num_queue_pairs, pad
 QUEUE_PAIR = struct.Struct("<HHHHQQHHIHHIIBBBBQiI")  # txq_info (24) + rxq_info (40)
+
+
+class QueuePairInfo(NamedTuple):
+    """A ``virtchnl_queue_pair_info``: ``virtchnl_txq_info`` then ``virtchnl_rxq_info``."""
+
+    tx_vsi: int
+    tx_queue: int
+    tx_ring_len: int
+    headwb_enabled: int
+    tx_ring: int
+    headwb_addr: int
+    rx_vsi: int
+    rx_queue: int
+    rx_ring_len: int
+    hdr_size: int
+    splithdr_enabled: int
+    databuffer_size: int
+    max_pkt_size: int
+    crc_disable: int
+    rxdid: int
+    flags: int
+    pad: int
+    rx_ring: int
+    rx_split_pos: int
+    pad2: int
+
+
 IRQ_MAP = struct.Struct("<H")  # num_vectors
 VECTOR_MAP = struct.Struct("<HHHHHH")  # vsi_id, vector_id, rxq_map, txq_map, rx/tx itr index
 QUEUE_SELECT = struct.Struct("<HHII")  # vsi_id, pad, rx_queues, tx_queues
