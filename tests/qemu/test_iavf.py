@@ -66,7 +66,7 @@ def pair(
                     qemu_root,
                     f"vm{n}",
                     initramfs,
-                    f"/run/vfio-mediate/{path.name}",
+                    f"{provisioner.SHARED_DIR_IN_ROOT}/{path.name}",
                     context=server.log_tail,
                 )
             )
