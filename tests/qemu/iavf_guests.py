@@ -11,7 +11,6 @@ is the second serial port, a file: it explains a guest whose shell no longer ans
 from __future__ import annotations
 
 import contextlib
-import json
 import lzma
 import os
 import re
@@ -27,7 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-GUEST_RAM = "128M"
+from .conftest import GUEST_RAM, device_option
+
 MODULES = ("libie", "libeth", "iavf")  # in load order (modules.dep)
 COMMAND = shutil.which("vfio-mediate") or str(Path(sys.executable).parent / "vfio-mediate")
 
@@ -87,7 +87,6 @@ class Guest:
         shared = provisioner.shared_dir(root)
         self.kernel_log_path: Path = shared / f"kernel-{name}-{os.getpid()}.txt"
         self.kernel_log_path.unlink(missing_ok=True)
-        device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_in_root}}
         argv = [
             root.qemu, "-machine", "q35,accel=tcg,memory-backend=mem", "-m", GUEST_RAM,
             "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
@@ -95,8 +94,8 @@ class Guest:
             "-kernel", root.kernel, "-initrd", initramfs,
             "-append", "console=ttyS1 loglevel=4 panic=-1",
             "-serial", "stdio",
-            "-serial", f"file:/run/vfio-mediate/{self.kernel_log_path.name}",
-            "-device", json.dumps(device),
+            "-serial", f"file:{provisioner.SHARED_DIR_IN_ROOT}/{self.kernel_log_path.name}",
+            "-device", device_option(socket_in_root),
         ]  # fmt: skip
         self.process = provisioner.run_in_root(
             root, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -142,6 +141,7 @@ class Guest:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the initramfs has loaded the modules and started the shell."""
         self._wait_for(re.compile(rb"GUEST-SHELL-READY"), 0, timeout)
+        self.run("true")  # takes the shell's banner, which must not end up in a command's output
 
     def run(self, command: str, timeout: float = 30.0, check: bool = True) -> str:
         """Run one shell command line in the guest; its output. A non-zero status raises
