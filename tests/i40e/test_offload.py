@@ -18,6 +18,7 @@ from i40e_mediator.offload import (
     L4T_TCP,
     L4T_UDP,
     OffloadError,
+    crc32c,
     internet_checksum,
     tx_offload,
 )
@@ -167,11 +168,45 @@ def test_frames_without_offload_pass_unchanged() -> None:
     assert offload(arp, l3_type=IIPT_NONE, l4_type=L4T_NONE) == [arp]
     frame = ipv4(tcp_header(1, TCP_ACK) + b"data", 6)
     assert offload(frame, checksum=False) == [frame]
-    # SCTP's CRC32c is not inserted: the frame keeps what the guest wrote there
-    sctp = ipv4(bytes(12) + b"chunk", 132)
-    assert offload(sctp, l3_type=IIPT_IPV4, l4_type=L4T_SCTP, l4len=12) == [sctp]
-    (out,) = offload(sctp, l4_type=L4T_SCTP, l4len=12)
-    assert ipv4_header_verifies(out) and out[26:] == sctp[26:]
+
+
+def bitwise_crc32c(data: bytes) -> int:
+    """CRC-32C one bit at a time (reflected polynomial 0x82F63B78)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_rfc_3720_vectors() -> None:
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
+
+
+def sctp_verifies(frame: bytes, start: int, end: int) -> bool:
+    """A receiver's check: the CRC-32C of the SCTP packet with its checksum field zeroed equals
+    that field (little-endian, as Linux stores it)."""
+    packet = frame[start:end]
+    zeroed = packet[:8] + bytes(4) + packet[12:]
+    return bitwise_crc32c(zeroed) == int.from_bytes(packet[8:12], "little")
+
+
+@settings(max_examples=25)
+@given(chunks=st.binary(min_size=4, max_size=1400), padding=st.binary(max_size=20))
+def test_sctp_crc32c_over_ipv4_and_ipv6(chunks: bytes, padding: bytes) -> None:
+    sctp = struct.pack("!HHII", 5000, 5001, 0x01020304, 0xDEADBEEF) + chunks
+    (out4,) = offload(ipv4(sctp, 132) + padding, l4_type=L4T_SCTP, l4len=12)
+    (out6,) = offload(
+        ipv6(sctp, 132) + padding, l3_type=IIPT_IPV6, iplen=40, l4_type=L4T_SCTP, l4len=12
+    )
+    assert sctp_verifies(out4, 34, 34 + len(sctp)) and ipv4_header_verifies(out4)
+    assert sctp_verifies(out6, 54, 54 + len(sctp))
+    assert out4[34 + 12 :] == chunks + padding and out6[54 + 12 :] == chunks + padding
 
 
 def reassemble(segments: list[bytes], tcp: int, header_size: int) -> tuple[int, bytes]:
@@ -244,6 +279,7 @@ def test_tso_segments_reassemble_to_the_stream(
         (ipv4(tcp_header(1, 0), 6), {"l4_type": 4}, "L4T 4"),
         (ETHERNET + bytes(10), {}, "overrun a 24-byte frame"),
         (ipv4(b"short", 6), {}, "ends inside its L4 header"),
+        (ipv4(bytes(8), 132), {"l4_type": L4T_SCTP}, "8-byte SCTP packet is shorter"),
         (ipv4(tcp_header(1, 0), 6, total=200), {}, "byte 214 of a 54-byte frame"),
         (ipv4(tcp_header(1, 0) + bytes(100), 6), {"tso": True, "mss": 63}, "MSS 63"),
         (ipv4(tcp_header(1, 0), 6), {"tso": True, "mss": 1448}, "without payload"),

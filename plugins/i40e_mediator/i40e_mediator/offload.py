@@ -7,9 +7,9 @@ turns such a frame into what goes on the wire, as the X710 does:
 
 - checksums: the IPv4 header checksum when the descriptor says IIPT "IPv4 with checksum", the
   TCP or UDP checksum when it says L4T TCP or UDP (IPv4 or IPv6), always computed afresh over
-  the pseudo-header, the L4 header and the payload (whatever seed the field held). The L4 data
-  ends where the IP header's length field says (frame padding is not summed). SCTP's CRC32c is
-  not inserted: frames with L4T SCTP keep the checksum the guest wrote.
+  the pseudo-header, the L4 header and the payload (whatever seed the field held); the SCTP
+  CRC32c (stored little-endian, as Linux does) when it says L4T SCTP. The L4 data ends where
+  the IP header's length field says (frame padding is not summed).
 - TSO (TCP only): the payload after the headers is cut into ``mss``-byte segments, each with a
   copy of the headers whose IPv4 total length / IPv6 payload length, IPv4 identification (the
   first segment keeps the guest's, then +1 each), TCP sequence number and checksums are set;
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_MSS",
     "MIN_MSS",
     "OffloadError",
+    "crc32c",
     "internet_checksum",
     "tx_offload",
 ]
@@ -56,7 +57,8 @@ MAX_MSS = 9668
 
 _PROTOCOL = {L4T_TCP: 6, L4T_UDP: 17}
 _L4_CHECKSUM_OFFSET = {L4T_TCP: 16, L4T_UDP: 6}
-_IPV4_MIN, _IPV6_HEADER, _TCP_MIN, _UDP_HEADER = 20, 40, 20, 8
+_IPV4_MIN, _IPV6_HEADER, _TCP_MIN, _UDP_HEADER, _SCTP_HEADER = 20, 40, 20, 8, 12
+_SCTP_CHECKSUM_OFFSET = 8
 _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
 _NOT_FIRST = _TCP_CWR  # flags cleared in every segment but the first
 _NOT_LAST = _TCP_FIN | _TCP_PSH  # flags cleared in every segment but the last
@@ -64,6 +66,28 @@ _NOT_LAST = _TCP_FIN | _TCP_PSH  # flags cleared in every segment but the last
 
 class OffloadError(ValueError):
     """A TX offload request that does not fit the frame it came with."""
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        value = byte
+        for _ in range(8):
+            value = (value >> 1) ^ (0x82F63B78 if value & 1 else 0)
+        table.append(value)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes | bytearray) -> int:
+    """The CRC-32C (Castagnoli) of ``data``, as SCTP uses it (RFC 9260 appendix A)."""
+    table = _CRC32C_TABLE
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 def internet_checksum(data: bytes | bytearray) -> int:
@@ -110,6 +134,13 @@ def tx_offload(
     if l4_type in _PROTOCOL:
         end = _ip_end(packet, maclen, iplen, l3_type)
         _set_l4_checksum(packet, maclen, iplen, end, l3_type, l4_type)
+    elif l4_type == L4T_SCTP:
+        start, end = maclen + iplen, _ip_end(packet, maclen, iplen, l3_type)
+        if start + _SCTP_HEADER > end:
+            raise OffloadError(f"the {end - start}-byte SCTP packet is shorter than its header")
+        field = start + _SCTP_CHECKSUM_OFFSET
+        packet[field : field + 4] = bytes(4)
+        packet[field : field + 4] = crc32c(packet[start:end]).to_bytes(4, "little")
     return [bytes(packet)]
 
 
