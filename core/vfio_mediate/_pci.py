@@ -33,6 +33,10 @@ from .uapi import (
 
 __all__ = ["Config", "DeviceBus", "EmulatedPciDevice"]
 
+_CONFIG = int(RegionIndex.CONFIG)  # an enum member's lookup costs more than the rest of a read
+_CONFIG_REGISTER = {1: struct.Struct("B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
+"""The sizes a guest writes config space in, each merged with its mask in one go."""
+
 
 class Config:
     """Offsets and bits of the type 0 config header and the capabilities this device has."""
@@ -87,6 +91,9 @@ class Config:
     MSIX_ENTRY_MASKED = 1 << 0
     PCIE_DEVCTL = 0x08
     PCIE_LNKCTL = 0x10
+
+
+_MSIX_CONTROL = Config.MSIX_CAP + Config.MSIX_CONTROL
 
 
 class DeviceBus:
@@ -229,6 +236,12 @@ class EmulatedPciDevice:
 
     def _config_write(self, offset: int, data: bytes) -> None:
         config, wmask = self._config, self._wmask
+        register = _CONFIG_REGISTER.get(len(data))
+        if register is not None:
+            unpack = register.unpack_from
+            (mask,), (old,), (new,) = unpack(wmask, offset), unpack(config, offset), unpack(data)
+            register.pack_into(config, offset, (old & ~mask) | (new & mask))
+            return
         for i, value in enumerate(data, offset):
             config[i] = (config[i] & ~wmask[i]) | (value & wmask[i])
 
@@ -304,7 +317,7 @@ class EmulatedPciDevice:
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         """Read config space or a BAR (through the model for its registers)."""
-        if index == RegionIndex.CONFIG:
+        if index == _CONFIG:
             return bytes(self._config[offset : offset + count])
         entry = self._bars.get(index)
         if entry is None:
@@ -323,11 +336,13 @@ class EmulatedPciDevice:
 
     def write(self, index: int, offset: int, data: bytes) -> int:
         """Write config space (writable bits only) or a BAR (through the model)."""
-        if index == RegionIndex.CONFIG:
+        if index == _CONFIG:
             with self._lock:
                 self._config_write(offset, data)
-            if self.spec.msix is not None and _overlaps(
-                offset, len(data), Config.MSIX_CAP + Config.MSIX_CONTROL, 2
+            if (
+                offset < _MSIX_CONTROL + 2
+                and offset + len(data) > _MSIX_CONTROL
+                and self.spec.msix is not None
             ):
                 self._deliver_pending(range(self.spec.msix.vectors))  # function unmasked?
             return len(data)

@@ -296,8 +296,8 @@ class Session:
         recvmsg, anc_space, framer = self._sock.recvmsg, self._anc_space, self._framer
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
-        unpack_rw, read_region = REGION_RW.unpack_from, self._regions.read_region
-        write_region = self._regions.write_region
+        read_at, write_at = self._regions.read_at, self._regions.write_at
+        negotiated, table = self._negotiated_table, self._table
         while not self._closing:
             try:
                 data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
@@ -311,26 +311,20 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
-                    if (
-                        command <= _WRITE
-                        and size >= _RW_MESSAGE
-                        and self._table is self._negotiated_table
-                    ):
-                        # The hottest commands, without building a payload view.
+                    if table is negotiated and command <= _WRITE and size >= _RW_MESSAGE:
+                        # The hottest commands, from the message as read (no payload view).
                         try:
-                            offset, index, count = unpack_rw(data, HEADER_SIZE)
-                            if command == _READ and size == _RW_MESSAGE:
-                                read_region(msg_id, flags, offset, index, count)
-                                continue
-                            if command == _WRITE:
-                                write_region(
-                                    msg_id, flags, offset, index, count, data[_RW_MESSAGE:]
-                                )
+                            if command == _READ:
+                                if size == _RW_MESSAGE:
+                                    read_at(msg_id, flags, data, HEADER_SIZE)
+                                    continue
+                            elif command == _WRITE:
+                                write_at(msg_id, flags, data, HEADER_SIZE)
                                 continue
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
                             continue
-                    handler = self._table[command] if command < _TABLE_SIZE else self._fallback
+                    handler = table[command] if command < _TABLE_SIZE else self._fallback
                     try:
                         handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])
                     except Exception as exc:
@@ -338,9 +332,11 @@ class Session:
                     else:
                         if command not in keeps:
                             invalidate()
+                    table = self._table  # VERSION negotiated: the whole table from now on
                     continue
             if self._take(data, ancdata, msg_flags):
                 self._pump()
+                table = self._table
         self._pump()  # what the client sent before its EOF still runs
 
     def _take(self, data: bytes, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> bool:

@@ -186,11 +186,12 @@ class Regions(CommandGroup):
     def _region_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         if len(payload) < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_READ payload of {len(payload)} bytes")
-        offset, index, count = _unpack_rw(payload)
-        self.read_region(msg_id, flags, offset, index, count)
+        self.read_at(msg_id, flags, payload, 0)
 
-    def read_region(self, msg_id: int, flags: int, offset: int, index: int, count: int) -> None:
-        """REGION_READ whose fields are unpacked (the engine's path for a whole one)."""
+    def read_at(self, msg_id: int, flags: int, message: bytes | memoryview, start: int) -> None:
+        """REGION_READ whose payload (at least its fields) is at ``start`` of ``message``:
+        the engine's path for a whole one read alone, its header left in front."""
+        offset, index, count = _unpack_rw(message, start)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"read of {count} bytes")
         data = self._read(index, offset, count)
@@ -204,19 +205,20 @@ class Regions(CommandGroup):
     def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         if len(payload) < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(payload)} bytes")
-        offset, index, count = _unpack_rw(payload)
-        self.write_region(msg_id, flags, offset, index, count, payload[_RW_SIZE:].tobytes())
+        self.write_at(msg_id, flags, payload, 0)
 
-    def write_region(
-        self, msg_id: int, flags: int, offset: int, index: int, count: int, data: bytes
-    ) -> None:
-        """REGION_WRITE whose fields are unpacked (the engine's path for a whole one)."""
+    def write_at(self, msg_id: int, flags: int, message: bytes | memoryview, start: int) -> None:
+        """REGION_WRITE whose payload is ``message`` from ``start`` to its end (see
+        ``read_at``)."""
+        offset, index, count = _unpack_rw(message, start)
+        data = bytes(message[start + _RW_SIZE :])
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"write of {count} bytes")
         if count != len(data):
             raise AccessError(errno.EINVAL, f"write of {count} bytes carries {len(data)}")
         written = self._write(index, offset, data)
-        self._replies.clear()  # what the mediator answers may change with any write
+        if self._replies:
+            self._replies.clear()  # what the mediator answers may change with any write
         if not flags & NO_REPLY:
             self._send(
                 _pack_reply(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)

@@ -48,6 +48,7 @@ Like the real VF it cannot say which pages it wrote; only the DMA space can reco
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import threading
@@ -202,6 +203,12 @@ class _Queue:
         )
 
 
+def _any_within(offsets: tuple[int, ...], start: int, end: int) -> bool:
+    """Whether the sorted ``offsets`` hold one in ``[start, end)``."""
+    at = bisect.bisect_left(offsets, start)
+    return at < len(offsets) and offsets[at] < end
+
+
 def _weak_deliver(vf: I40eVf) -> Callable[[bytes], None]:
     """A ``deliver`` for the switch that does not keep ``vf`` alive."""
     ref = weakref.ref(vf)
@@ -267,6 +274,9 @@ class I40eVf:
             )
         self._writers = writers
         self._readers = readers
+        # Sorted, for the multi-register accesses' "any register here?" (a bisection, not a walk).
+        self._writer_offsets = tuple(sorted(writers))
+        self._reader_offsets = tuple(sorted(readers))
         self.trapped_pages = frozenset(
             offset & ~(r.PAGE_SIZE - 1) for offset in (*writers, *readers)
         )
@@ -308,7 +318,7 @@ class I40eVf:
             with self._lock:
                 return reader().to_bytes(4, "little")
         start, end = offset & ~3, (offset + count + 3) & ~3
-        if not any(at in self._readers for at in range(start, end, 4)):
+        if not _any_within(self._reader_offsets, start, end):
             return None
         with self._lock:
             merged = bytearray(self._regs[start:end])
@@ -331,7 +341,7 @@ class I40eVf:
                 writer(int.from_bytes(data, "little"))
             return True
         start, end = offset & ~3, (offset + len(data) + 3) & ~3
-        if not any(at in self._writers for at in range(start, end, 4)):
+        if not _any_within(self._writer_offsets, start, end):
             return False
         with self._lock:
             merged = bytearray(self._regs[start:end])
