@@ -4,9 +4,10 @@ Threads. Each session runs on a thread of its own: a blocking ``recvmsg``, then 
 it brought, in arrival order, each through a handler table built once (indexed by command
 number; the table before VERSION answers only VERSION). Nothing a session waits for holds up
 another device: its reads, its replies to a client that does not read, and its device's DMA
-by messages block only its own thread. Devices share the interpreter, which switches threads
-at every socket call (each reply) and at the latest every few milliseconds: one device's client
-gets one command's worth of turn at a time.
+by messages block only its own thread. Devices share the interpreter: a session gives it up
+while it waits on its socket, and one that runs pipelined commands (many in one read) pauses
+every ``_TURN`` seconds, so one device's client holds the others up for a few milliseconds at
+most.
 
 DMA by messages inside a command (a device model's DMA, in a region write, to memory mapped
 without an fd) waits for the client's reply on the session's thread, which reads the socket
@@ -67,6 +68,8 @@ _RW_MESSAGE = HEADER_SIZE + REGION_RW.size
 _FD_LOST = -2
 """Stands for an fd the kernel could not give: the process is at its fd limit."""
 _HELD_LIMIT, _HELD_BYTES_LIMIT = 4096, 64 << 20
+_TURN, _PAUSE = 0.002, 0.0001
+"""Seconds of pipelined commands a session runs before it pauses, and for how long."""
 _FD_RESERVE = 64
 """Fds kept for the process itself (sockets, logs, the device's files) out of the budget."""
 _FD_COMMANDS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})
@@ -359,7 +362,9 @@ class Session:
         return True
 
     def _pump(self) -> None:
-        """Dispatch every whole message received; re-entered by a nested read."""
+        """Dispatch every whole message received; re-entered by a nested read. After each
+        ``_TURN`` seconds of commands, other threads get the interpreter for a moment."""
+        turn_ends = time.monotonic() + _TURN
         while not self._discard:
             try:
                 frame = self._framer.next()
@@ -378,6 +383,11 @@ class Session:
             else:
                 self.requests += 1
                 self._execute(msg_id, command, flags, payload, fds)
+                if time.monotonic() > turn_ends:
+                    # The GIL, released and taken back at every reply, seldom reaches a
+                    # thread waiting on another CPU (it wakes too late): a sleep hands it over.
+                    time.sleep(_PAUSE)
+                    turn_ends = time.monotonic() + _TURN
 
     def _protocol_violation(self, reason: str) -> None:
         logger.warning(
