@@ -38,7 +38,6 @@ from .._errors import AccessError, ContractViolation
 from ._codec import (
     HEADER,
     HEADER_SIZE,
-    REGION_RW,
     Command,
     DmaLayout,
     ProtocolError,
@@ -52,7 +51,7 @@ from ._features import DeviceFeatures
 from ._irqs import Irqs
 from ._log import logger, sessions_logger
 from ._negotiation import Negotiation
-from ._regions import Regions
+from ._regions import MessageHandler, Regions
 from ._served import ServedDevice
 from ._transport import FD_SIZE, Framer, Sender, close_fds, received_fds
 
@@ -63,8 +62,6 @@ _RECV_SIZE = 1 << 16
 _TYPE_MASK = 0xF
 _COMMAND = 0
 _TABLE_SIZE = max(Command) + 1
-_READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
-_RW_MESSAGE = HEADER_SIZE + REGION_RW.size
 _FD_LOST = -2
 """Stands for an fd the kernel could not give: the process is at its fd limit."""
 _HELD_LIMIT, _HELD_BYTES_LIMIT = 4096, 64 << 20
@@ -184,6 +181,8 @@ class Session:
         self._table: list[Handler] = [self._before_version] * _TABLE_SIZE
         self._table[Command.VERSION] = handlers[Command.VERSION]
         self._fallback: Handler = self._before_version
+        self._fast: dict[int, MessageHandler] = {}
+        """Commands taken from the message as read (none before VERSION)."""
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     def __repr__(self) -> str:
@@ -299,8 +298,7 @@ class Session:
         recvmsg, anc_space, framer = self._sock.recvmsg, self._anc_space, self._framer
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
-        read_at, write_at = self._regions.read_at, self._regions.write_at
-        negotiated, table = self._negotiated_table, self._table
+        table, fast = self._table, self._fast
         while not self._closing:
             try:
                 data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
@@ -314,19 +312,13 @@ class Session:
                 msg_id, command, size, flags, _ = unpack(data)
                 if size == len(data) and not flags & _TYPE_MASK:
                     self.requests += 1
-                    if table is negotiated and command <= _WRITE and size >= _RW_MESSAGE:
-                        # The hottest commands, from the message as read (no payload view).
+                    hot = fast.get(command)  # the hottest commands, without a payload view
+                    if hot is not None:
                         try:
-                            if command == _READ:
-                                if size == _RW_MESSAGE:
-                                    read_at(msg_id, flags, data, HEADER_SIZE)
-                                    continue
-                            elif command == _WRITE:
-                                write_at(msg_id, flags, data, HEADER_SIZE)
-                                continue
+                            hot(msg_id, flags, data, HEADER_SIZE)
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
-                            continue
+                        continue
                     handler = table[command] if command < _TABLE_SIZE else self._fallback
                     try:
                         handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])
@@ -515,6 +507,7 @@ class Session:
 
     def _negotiated(self) -> None:
         self._table, self._fallback = self._negotiated_table, self._unknown
+        self._fast.update(self._regions.message_handlers())
 
     def _before_version(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         raise FatalError(errno.EINVAL, "command before VERSION")

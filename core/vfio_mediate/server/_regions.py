@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Callable
 from typing import final
 
 from .._errors import AccessError, ContractViolation
@@ -32,13 +33,15 @@ from ._config import ServerConfig
 from ._log import logger
 from ._served import ServedDevice
 
-__all__ = ["Regions"]
+__all__ = ["MessageHandler", "Regions"]
 
 _READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _RW_REPLY_SIZE = HEADER_SIZE + REGION_RW.size
 _MSG_ID = struct.Struct("<H")
 _RW_SIZE = REGION_RW.size
 _unpack_rw, _pack_reply = REGION_RW.unpack_from, REPLY_RW.pack
+_Message = bytes | memoryview
+MessageHandler = Callable[[int, int, _Message, int], None]
 
 
 @final
@@ -86,6 +89,15 @@ class Regions(CommandGroup):
             Command.DEVICE_RESET: self._reset,
         }
 
+    def message_handlers(self) -> dict[int, MessageHandler]:
+        """The commands the engine hands over as read, as ``(msg_id, flags, message, start)``
+        with the payload at ``start`` of ``message``: region access and region info."""
+        return {
+            Command.REGION_READ: self.read_at,
+            Command.REGION_WRITE: self.write_at,
+            Command.DEVICE_GET_REGION_INFO: self.region_info_at,
+        }
+
     def invalidate(self) -> None:
         """Forget the region info replies: the next ones are asked of the device again."""
         if self._replies:
@@ -106,9 +118,16 @@ class Regions(CommandGroup):
         )
 
     def _region_info(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        if len(payload) < REGION_INFO.size:
-            raise AccessError(errno.EINVAL, f"GET_REGION_INFO payload of {len(payload)} bytes")
-        argsz, _, index, _, _, _ = REGION_INFO.unpack_from(payload)
+        self.region_info_at(msg_id, flags, payload, 0)
+
+    def region_info_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
+        """DEVICE_GET_REGION_INFO whose payload is ``message`` from ``start`` (see
+        ``read_at``)."""
+        if len(message) - start < REGION_INFO.size:
+            raise AccessError(
+                errno.EINVAL, f"GET_REGION_INFO payload of {len(message) - start} bytes"
+            )
+        argsz, _, index, _, _, _ = REGION_INFO.unpack_from(message, start)
         if argsz < REGION_INFO.size:
             raise AccessError(errno.EINVAL, f"GET_REGION_INFO argsz {argsz} < 32")
         reply = self._replies.get(index)
@@ -184,13 +203,13 @@ class Regions(CommandGroup):
     # -- region access (the hot path: no validation beyond bounds, no formatting) -------
 
     def _region_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        if len(payload) < _RW_SIZE:
-            raise AccessError(errno.EINVAL, f"REGION_READ payload of {len(payload)} bytes")
         self.read_at(msg_id, flags, payload, 0)
 
-    def read_at(self, msg_id: int, flags: int, message: bytes | memoryview, start: int) -> None:
-        """REGION_READ whose payload (at least its fields) is at ``start`` of ``message``:
-        the engine's path for a whole one read alone, its header left in front."""
+    def read_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
+        """REGION_READ whose payload is ``message`` from ``start``: the engine's path for a
+        whole message read alone, its header left in front (no payload view is built)."""
+        if len(message) - start < _RW_SIZE:
+            raise AccessError(errno.EINVAL, f"REGION_READ payload of {len(message) - start} bytes")
         offset, index, count = _unpack_rw(message, start)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"read of {count} bytes")
@@ -203,13 +222,13 @@ class Regions(CommandGroup):
             )
 
     def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        if len(payload) < _RW_SIZE:
-            raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(payload)} bytes")
         self.write_at(msg_id, flags, payload, 0)
 
-    def write_at(self, msg_id: int, flags: int, message: bytes | memoryview, start: int) -> None:
+    def write_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
         """REGION_WRITE whose payload is ``message`` from ``start`` to its end (see
         ``read_at``)."""
+        if len(message) - start < _RW_SIZE:
+            raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(message) - start} bytes")
         offset, index, count = _unpack_rw(message, start)
         data = bytes(message[start + _RW_SIZE :])
         if count > self._max_count:
