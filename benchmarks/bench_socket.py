@@ -6,13 +6,15 @@ Run: ``python benchmarks/bench_socket.py [--peer PATH]`` (or through ``run.py``)
 blocking Python UNIX-socket ping-pong of a config read's sizes. Each measure is taken in short
 slices, alternating between the targets, over many rounds; a figure is the median over rounds.
 With ``--peer PATH`` (libvfio-user's ``samples/gpio-pci-idio-16``, built by hand) the same raw
-client drives both servers and ``ours_over_c`` is the median of per-round speed ratios.
+client drives both servers and ``ours_over_c`` is the median of per-round speed ratios. All of
+it runs on one CPU (``--spread``: wherever the scheduler puts it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -130,9 +132,30 @@ def start_peer(peer: Path, path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def measurements(rounds: int, peer: Path | None) -> dict[str, Any]:
+def one_cpu() -> int:
+    """The CPU the measurements run on: the last one this process may use."""
+    return max(os.sched_getaffinity(0))
+
+
+def measurements(rounds: int, peer: Path | None, cpu: int | None = None) -> dict[str, Any]:
     """Microseconds per round trip (median of rounds) of every measure and target, the
-    VfioUserClient/raw ratios, and with ``peer`` the median of per-round ours/C speed ratios."""
+    VfioUserClient/raw ratios, and with ``peer`` the median of per-round ours/C speed ratios
+    (with the spread of the rounds). With ``cpu``, the clients and every server run on that
+    CPU alone: a round trip is then two direct switches, not two wake-ups across CPUs whose
+    cost depends on where the scheduler put each process (whole rounds of both servers
+    otherwise come out several times slower or faster)."""
+    allowed = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})  # the servers started below inherit it
+    try:
+        report = _measurements(rounds, peer)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    report["cpu"] = cpu
+    return report
+
+
+def _measurements(rounds: int, peer: Path | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
         ours_path = Path(directory) / "vf.sock"
         client_path = Path(directory) / "vf-client.sock"
@@ -210,8 +233,10 @@ def _measure(
                 ratios = [
                     c / o for c, o in zip(times[f"C {name}"], times[f"raw {name}"], strict=True)
                 ]
+                quartiles = statistics.quantiles(ratios, n=4)
                 report["ours_over_c"][name] = {
                     "median": statistics.median(ratios),
+                    "quartiles": [quartiles[0], quartiles[2]],
                     "rounds": ratios,
                 }
     return report
@@ -231,8 +256,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--peer", type=Path, metavar="PATH")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--spread", action="store_true", help="let the scheduler place the processes"
+    )
     args = parser.parse_args()
-    print(json.dumps(measurements(args.rounds, args.peer), indent=1))
+    cpu = None if args.spread else one_cpu()
+    print(json.dumps(measurements(args.rounds, args.peer, cpu), indent=1))
 
 
 if __name__ == "__main__":

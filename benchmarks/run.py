@@ -1,13 +1,14 @@
 """Every benchmark of the project in one run, and the speed targets checked against them.
 
-Run: ``python benchmarks/run.py [--json] [--peer PATH] [--rounds N]``. Sections: the per-access
-path (``bench_rw``), the socket path against its floors with a minimal raw client and with
-``VfioUserClient`` (``bench_socket``), a mapped access, a dirty report and STOP_COPY throughput
-(``bench_migration``), a soak under hostile clients (``bench_soak``), and with ``--vfio-device
-ADDRESS`` a device bound to vfio-pci (``bench_vfio``). With ``--peer PATH``
+Run: ``python benchmarks/run.py [--json] [--peer PATH] [--rounds N] [--spread]``. Sections:
+the per-access path (``bench_rw``), the socket path against its floors with a minimal raw
+client and with ``VfioUserClient`` (``bench_socket``), a mapped access, a dirty report and
+STOP_COPY throughput (``bench_migration``), a soak under hostile clients (``bench_soak``), and
+with ``--vfio-device ADDRESS`` a device bound to vfio-pci (``bench_vfio``). With ``--peer PATH``
 (a built libvfio-user ``samples/gpio-pci-idio-16``) the same raw client drives both servers in
 alternating short slices over many rounds and the median of the per-round ratios ours/C is given
-per measure. ``--json`` prints one JSON object instead of the text report.
+per measure, with its quartiles; client and servers share one CPU unless ``--spread``.
+``--json`` prints one JSON object instead of the text report.
 
 Targets: ours/C >= 0.9 on config read 4 B, config write 4 B, BAR read 256 B and region info;
 ``VfioUserClient`` within 1.2x of the raw client.
@@ -40,6 +41,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="rounds of alternating slices")
     parser.add_argument("--skip-soak", action="store_true", help="leave out the soak")
     parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="socket path: let the scheduler place client and servers (default: one CPU)",
+    )
+    parser.add_argument(
         "--vfio-device", metavar="ADDRESS", help="also measure a device bound to vfio-pci"
     )
     args = parser.parse_args()
@@ -47,7 +53,9 @@ def main() -> None:
         raise SystemExit(f"run.py: --peer {args.peer}: no such file")
     report: dict[str, Any] = {
         "per_access_ns": bench_rw.measurements(100_000),
-        "socket": bench_socket.measurements(args.rounds, args.peer),
+        "socket": bench_socket.measurements(
+            args.rounds, args.peer, None if args.spread else bench_socket.one_cpu()
+        ),
         "migration": bench_migration.measurements(),
     }
     if not args.skip_soak:
@@ -89,8 +97,12 @@ def print_report(report: dict[str, Any]) -> None:
     for name, value in socket_report["us"].items():
         print(f"  {name:<40} {value:10.2f}")
     for name, ratio in socket_report.get("ours_over_c", {}).items():
+        low, high = ratio["quartiles"]
         rounds = ", ".join(f"{r:.2f}" for r in ratio["rounds"])
-        print(f"  ours/C {name:<33} {ratio['median']:10.2f}  (rounds: {rounds})")
+        print(
+            f"  ours/C {name:<33} {ratio['median']:10.2f}  (quartiles {low:.2f}-{high:.2f};"
+            f" rounds: {rounds})"
+        )
     print("migration:")
     for name, value in report["migration"].items():
         print(f"  {name:<40} {value}")
