@@ -179,7 +179,7 @@ def queue_pair(guest: Guest, **fields: int) -> bytes:
 
 
 INVALID = {
-    "ring outside DMA memory": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, rx_ring=0x10)),
+    "ring outside DMA memory": lambda g: (vc.OP_CONFIG_VSI_QUEUES, queue_pair(g, rx_ring=0x80)),
     "ring not aligned": lambda g: (
         vc.OP_CONFIG_VSI_QUEUES,
         queue_pair(g, tx_ring=g.pairs[0].tx_ring + 64),
@@ -220,6 +220,8 @@ def test_invalid_parameters_are_err_param_with_a_log_line(
     with caplog.at_level(logging.INFO, logger="i40e_mediator"):
         assert guest.request(opcode, payload) == (vc.STATUS_ERR_PARAM, b"")
     assert [m for m in caplog.messages if "refused (status -5)" in m]
+    if what == "ring outside DMA memory":
+        assert "RX ring at 0x80 is outside DMA memory" in caplog.text
     assert guest.send(0, 300) and guest.clean(0) == 1  # nothing else changed
 
 
@@ -625,3 +627,19 @@ def test_iavf_sized_rings(make_vf: Callable[..., Vf]) -> None:
     _, state = vf.model.queue_view(0)
     assert (state.tx_len, state.rx_len, state.rx_buf_size) == (512, 512, 1536)
     assert state.tx_head == state.rx_head == 700 - 512
+
+
+def test_an_admin_ring_outside_dma_memory_sets_crit(
+    vf: Vf, caplog: pytest.LogCaptureFixture
+) -> None:
+    guest = vf.guest()
+    vf.set_reg(r.VF_ATQBAL, 0x1000)  # nothing mapped there
+    vf.set_reg(r.VF_ATQBAH, 0)
+    with caplog.at_level(logging.WARNING):
+        vf.set_reg(r.VF_ATQT, (vf.reg(r.VF_ATQH) + 1) % 32)
+    assert vf.reg(r.VF_ATQLEN) & r.AQ_CRIT and "admin queue DMA fault" in caplog.text
+    assert vf.model.name in caplog.text
+    vf.set_reg(r.VF_ATQLEN, 0)  # iavf's recovery after its timeout: the AQ from scratch
+    guest.shutdown_admin_queue()
+    guest.init_admin_queue()
+    assert guest.expect_ok(vc.OP_VERSION, vc.VERSION.pack(1, 1)) == vc.VERSION.pack(1, 1)

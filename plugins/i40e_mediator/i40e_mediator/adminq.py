@@ -45,6 +45,9 @@ class Message(NamedTuple):
 class AqHost(Protocol):
     """What the engine needs of the device: registers, DMA and the PF behind the queue."""
 
+    name: str
+    """The device's name in log lines."""
+
     def get(self, offset: int) -> int:
         """A BAR0 register."""
 
@@ -157,17 +160,24 @@ class AdminQueue:
             return r.AQ_RC_OK, False
         if opcode != r.AQC_SEND_MSG_TO_PF:
             if logger.isEnabledFor(logging.INFO):
-                logger.info("admin queue opcode %#06x refused (ENOTTY)", opcode)
+                logger.info("%s: admin queue opcode %#06x refused (ENOTTY)", self.host.name, opcode)
             return r.AQ_RC_ENOTTY, False
         payload = b""
         if flags & r.AQ_FLAG_BUF and datalen:
             if datalen > r.AQ_BUF_MAX:
-                logger.info("admin queue buffer of %d bytes refused (EINVAL)", datalen)
+                logger.info(
+                    "%s: admin queue buffer of %d bytes refused (EINVAL)", self.host.name, datalen
+                )
                 return r.AQ_RC_EINVAL, False
             try:
                 payload = self.host.dma_read(buffer, datalen)
             except OSError as exc:
-                logger.info("admin queue buffer at %#x unreadable (%s): EINVAL", buffer, exc)
+                logger.info(
+                    "%s: admin queue buffer at %#x unreadable (%s): EINVAL",
+                    self.host.name,
+                    buffer,
+                    exc,
+                )
                 return r.AQ_RC_EINVAL, False
         return r.AQ_RC_OK, self.host.virtchnl_request(cookie_high, payload)
 
@@ -178,8 +188,9 @@ class AdminQueue:
         if len(self.pending) >= PENDING_MAX:
             self.host.put(r.VF_ARQLEN, self.host.get(r.VF_ARQLEN) | r.AQ_OVFL)
             logger.warning(
-                "admin receive queue overflow: %d messages wait for buffers, virtchnl "
+                "%s: admin receive queue overflow: %d messages wait for buffers, virtchnl "
                 "opcode %d dropped (ARQLEN.OVFL set)",
+                self.host.name,
                 len(self.pending),
                 opcode,
             )
@@ -212,8 +223,9 @@ class AdminQueue:
                 payload = message.payload
                 if len(payload) > size or (payload and not flags & r.AQ_FLAG_BUF):
                     logger.warning(
-                        "virtchnl opcode %d reply of %d bytes does not fit the %d-byte ARQ "
+                        "%s: virtchnl opcode %d reply of %d bytes does not fit the %d-byte ARQ "
                         "buffer: sent empty with ERR",
+                        host.name,
                         message.opcode,
                         len(payload),
                         size,
@@ -248,7 +260,8 @@ class AdminQueue:
 
     def _critical(self, register: int, what: str) -> None:
         logger.warning(
-            "admin queue DMA fault (%s): %s CRIT set",
+            "%s: admin queue DMA fault (%s): %s CRIT set",
+            self.host.name,
             what,
             "ATQLEN" if register == r.VF_ATQLEN else "ARQLEN",
         )

@@ -120,7 +120,6 @@ AQ_VFE = 1 << 28
 AQ_OVFL = 1 << 29  # ARQLEN: a message was dropped for want of a posted buffer
 AQ_CRIT = 1 << 30  # ATQLEN/ARQLEN: a critical error (a descriptor the device could not DMA)
 AQ_ENABLE = 1 << 31
-AQ_ERROR_BITS = AQ_VFE | AQ_OVFL | AQ_CRIT
 AQ_HEAD_MASK = 0x3FF
 
 # Limits of a queue context (the X710's: 128-byte ring alignment, buffers in 128-byte units).
@@ -166,7 +165,6 @@ TX_BUF_SIZE_MASK = 0x3FFF
 TX_QWORD1_OFFSET = 8
 TX_MAX_FRAGMENTS = 8  # data descriptors per packet (without TSO)
 TX_MAX_TSO_FRAGMENTS = 64  # data descriptors of one TSO packet (iavf needs more than 8)
-TX_MAX_TSO_BYTES = 256 * 1024
 TX_DESC_DONE = (TX_DTYPE_DESC_DONE).to_bytes(8, "little")  # the completion write-back
 
 
@@ -193,8 +191,6 @@ def rx_writeback_qword1(length: int, last: bool) -> int:
     """``status_error_len`` the device writes back for a buffer holding ``length`` bytes."""
     return RX_DD | (RX_EOF if last else 0) | ((length & RX_LEN_MASK) << RX_LEN_SHIFT)
 
-
-RX_PTYPE_SHIFT = 30
 
 AQ_DESC = struct.Struct("<HHHHIIIIII")  # flags, opcode, datalen, retval, cookies, params, addr
 AQ_DESC_SIZE = AQ_DESC.size

@@ -34,25 +34,19 @@ OP_UNKNOWN = 0
 OP_VERSION = 1
 OP_RESET_VF = 2
 OP_GET_VF_RESOURCES = 3
-OP_CONFIG_TX_QUEUE = 4
-OP_CONFIG_RX_QUEUE = 5
 OP_CONFIG_VSI_QUEUES = 6
 OP_CONFIG_IRQ_MAP = 7
 OP_ENABLE_QUEUES = 8
 OP_DISABLE_QUEUES = 9
 OP_ADD_ETH_ADDR = 10
 OP_DEL_ETH_ADDR = 11
-OP_ADD_VLAN = 12
 OP_CONFIG_PROMISCUOUS_MODE = 14
 OP_GET_STATS = 15
 OP_EVENT = 17
-OP_CONFIG_RSS_KEY = 23
-OP_GET_OFFLOAD_VLAN_V2_CAPS = 51
 
 # -- status (enum virtchnl_status_code, in cookie_low) ----------------------------------------
 STATUS_SUCCESS = 0
 STATUS_ERR_PARAM = -5
-STATUS_ERR_NO_MEMORY = -18
 STATUS_ERR_NOT_SUPPORTED = -64
 
 # -- capabilities (vf_cap_flags) ---------------------------------------------------------------
@@ -64,13 +58,11 @@ VSI_TYPE_SRIOV = 6
 
 # -- events (virtchnl_pf_event) -----------------------------------------------------------------
 EVENT_LINK_CHANGE = 1
-EVENT_RESET_IMPENDING = 2
 LINK_SPEED_10GB = 0x8  # the legacy link speed enum (no ADV_LINK_SPEED)
 
 PROMISC_UNICAST = 1 << 0
 PROMISC_MULTICAST = 1 << 1
 
-ETHER_ADDR_TYPE_MASK = 0x7F
 
 # -- layouts ------------------------------------------------------------------------------------
 VERSION = struct.Struct("<II")  # major, minor
