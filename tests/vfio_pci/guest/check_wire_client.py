@@ -63,7 +63,7 @@ PROPOSAL = {
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 
 # e1000e registers (BAR0)
-CTRL, IMS, IVAR = 0x0000, 0x00D0, 0x00E4
+CTRL, ICR, IMS, IMC, IVAR = 0x0000, 0x00C0, 0x00D0, 0x00D8, 0x00E4
 TCTL, TDBAL, TDBAH, TDLEN, TDH, TDT = 0x0400, 0x3800, 0x3804, 0x3808, 0x3810, 0x3818
 
 
@@ -275,6 +275,11 @@ def test_independent_client_gets_an_e1000e_dma_into_its_memfd_and_msix_on_its_ev
             assert caught.value.errno == errno.EEXIST
             enable(client, bus_master=True)
             client.set_irq_eventfds(MSIX, 0, (eventfd,))
+            # Causes still pending from an earlier user of the device would not be raised anew:
+            # mask and clear them first, as a driver does.
+            client.write32(BAR0, IMC, 0xFFFFFFFF)
+            client.write32(BAR0, ICR, 0xFFFFFFFF)
+            client.read32(BAR0, ICR)
             client.write32(BAR0, IVAR, 0x8 << 8)  # TX queue 0 -> MSI-X vector 0, valid
             client.write32(BAR0, IMS, 1 << 0 | 1 << 22)  # TXDW | TXQ0
             # one legacy TX descriptor at IOVA, its 64-byte frame at IOVA + 0x1000
