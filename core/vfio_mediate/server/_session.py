@@ -161,6 +161,7 @@ class Session:
         self._closing = False
         self._reason = ""
         self._maps: dict[tuple[int, int], DmaMapping] = {}
+        self._fdless_map_refused = False  # warned once per session (QEMU sends one per ROM)
         self._triggers: dict[tuple[int, int], EventfdTrigger] = {}
         self._worker: threading.Thread | None = None
         self._gate = threading.Event()
@@ -674,7 +675,13 @@ class Session:
                     iova, size, self.message_dma.memory(iova), readable=readable, writable=writable
                 )
             except AccessError as exc:
-                logger.warning("%s: DMA_MAP refused: %s", self.label, exc.strerror)
+                if not self._fdless_map_refused:
+                    self._fdless_map_refused = True
+                    logger.warning(
+                        "%s: DMA_MAP refused: %s (further such maps of this session too)",
+                        self.label,
+                        exc.strerror,
+                    )
                 raise
         self._maps[(iova, size)] = mapping
         if logger.isEnabledFor(_DEBUG):

@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vfio_mediate import MediatedDevice, MediatorRegistry, create_device
 from vfio_mediate.server import BackgroundServer
@@ -61,11 +64,14 @@ class Qmp:
         self.sock.close()
 
 
-def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars() -> None:
+def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """QEMU maps its ROMs (pc.bios, the 0xc0000-0xfffff option ROM area) and the pieces of the
     device's own mapped BARs by DMA_MAP without an fd. A real device cannot reach such memory,
-    so each is refused (EOPNOTSUPP, a log line); QEMU logs the error reply and goes on: the
-    device realizes and SeaBIOS sizes and programs its BARs through the server."""
+    so each is refused (EOPNOTSUPP; one warning per session); QEMU logs the error reply and
+    goes on: the device realizes and SeaBIOS sizes and programs its BARs through the server."""
+    caplog.set_level(logging.INFO, logger="vfio_mediate.server")
     directory = Path(tempfile.mkdtemp(dir="/run"))
     sock, qmp_path, log = directory / "vf.sock", directory / "qmp.sock", directory / "qemu.log"
     backend = create_device(VF)
@@ -99,6 +105,10 @@ def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars() -> None:
             low = int.from_bytes(backend.read(CONFIG, 0x10 + 4 * index, 4), "little")
             assert low & ~0xF == bars[index]["address"] & 0xFFFFFFF0, (index, bars)
         assert backend.container.mappings, "guest RAM (memfd) is in the IOMMU"
+        messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+        refused = [m for level, m in messages if "DMA_MAP refused with ENOTSUP" in m]
+        warned = [m for level, m in messages if level == logging.WARNING and "DMA_MAP" in m]
+        assert len(refused) >= 2 and len(warned) == 1, messages
         Path("/run/xchg/qemu_attach.json").write_text(json.dumps({"seconds": took}))
     finally:
         if qemu is not None:
