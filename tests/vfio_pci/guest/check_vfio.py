@@ -13,14 +13,15 @@ import json
 import logging
 import mmap
 import os
+import runpy
 import select
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,8 @@ from vfio_mediate.uapi import IrqIndex, RegionFlag
 VF, VF2, E1000E, PF = "0000:01:10.0", "0000:01:10.2", "0000:00:02.0", "0000:01:00.0"
 _BRIDGED = Path("/run/xchg/bridged.txt")
 BRIDGED = _BRIDGED.read_text().split() if _BRIDGED.exists() else []
-CLI = [sys.executable, "-c", "import sys; from vfio_mediate.cli import main; sys.exit(main())"]
 CONFIG = 7
+Completed = subprocess.CompletedProcess[str]
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 PAGE = 4096
 IOVA = 0x4000_0000
@@ -104,10 +105,11 @@ def enable_memory(client: VfioUserClient, bus_master: bool = False) -> None:
 # -- 1. probe -----------------------------------------------------------------------------------
 
 
-def run_cli(*argv: str, uid: int | None = None) -> subprocess.CompletedProcess[str]:
-    """``vfio-mediate ARGV`` in a forked child of this (already importing) process, as user
-    ``uid`` if given: its exit status, stdout and stderr. A new interpreter costs seconds of
-    imports under TCG; the serve checks start real ``python -c`` processes."""
+def run_forked(target: Callable[[], int | None], uid: int | None = None) -> Completed:
+    """``target()`` in a forked child of this (already importing) process, as user ``uid`` if
+    given: its exit status (what it returns or exits with), stdout and stderr. A new
+    interpreter costs seconds of imports under TCG; the serve checks (check_wire_client.py)
+    start a real ``python -c`` process."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -123,7 +125,10 @@ def run_cli(*argv: str, uid: int | None = None) -> subprocess.CompletedProcess[s
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
                 os.setresuid(uid, uid, uid)
-            status = main(list(argv))
+            result = target()
+            status = 0 if result is None else result
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -135,7 +140,12 @@ def run_cli(*argv: str, uid: int | None = None) -> subprocess.CompletedProcess[s
     with open(out_r) as out_file, open(err_r) as err_file:
         out, err = out_file.read(), err_file.read()
     _, wait_status = os.waitpid(pid, 0)
-    return subprocess.CompletedProcess(list(argv), os.waitstatus_to_exitcode(wait_status), out, err)
+    return Completed([], os.waitstatus_to_exitcode(wait_status), out, err)
+
+
+def run_cli(*argv: str, uid: int | None = None) -> Completed:
+    """``vfio-mediate ARGV`` (its ``main``) in a forked child."""
+    return run_forked(lambda: main(list(argv)), uid)
 
 
 def test_probe_json_of_a_vf() -> None:
@@ -422,28 +432,6 @@ def test_two_vfs_share_one_container() -> None:
         container.close()
 
 
-def test_serve_holds_the_group_until_sigterm() -> None:
-    sock = tempfile.mkdtemp(dir="/run") + "/vf2.sock"
-    server = subprocess.Popen(
-        [*CLI, "serve", "--device", VF2, "--socket", sock],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = server.stdout.readline() if server.stdout else ""
-        assert line.startswith(f"serving {VF2} (8086:10ca)"), line + server.stderr.read()
-        with pytest.raises(VfioDeviceError) as caught:
-            create_device(VF2)
-        assert caught.value.errno == errno.EBUSY and "another process" in str(caught.value)
-        with VfioUserClient.connect(sock) as client:
-            assert struct.unpack("<HH", client.read(CONFIG, 0, 4)) == (0x8086, 0x10CA)
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-    create_device(VF2).close()  # the group is free again
-
-
 # -- 6. each failure is one line that says what to do --------------------------------------------
 
 
@@ -494,11 +482,13 @@ def test_error_no_iommu(tmp_path: Path) -> None:
 
 
 def test_benchmark_runs_against_a_vf() -> None:
-    bench = Path("/mnt/checkout/benchmarks/bench_vfio.py")
-    out = subprocess.run(
-        [sys.executable, str(bench), VF, "-n", "2000", "--json"],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    bench = "/mnt/checkout/benchmarks/bench_vfio.py"
+
+    def run_script() -> None:
+        sys.argv = [bench, VF, "-n", "2000", "--json"]
+        runpy.run_path(bench, run_name="__main__")
+
+    out = run_forked(run_script)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     Path("/run/xchg/bench.json").write_text(out.stdout)

@@ -41,7 +41,7 @@ from wire_client import (
     WireError,
 )
 
-from vfio_mediate import MediatedDevice, MediatorRegistry, create_device
+from vfio_mediate import MediatedDevice, MediatorRegistry, VfioDeviceError, create_device
 from vfio_mediate.server import BackgroundServer
 
 VF, VF2, E1000E = "0000:01:10.0", "0000:01:10.2", "0000:00:02.0"
@@ -95,8 +95,9 @@ def sealed_memfd(size: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def sockets() -> Iterator[dict[str, str]]:
-    """``vfio-mediate serve`` of the VF and the e1000e (one process, a socket each)."""
+def serve() -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    """``vfio-mediate serve`` of the VF and the e1000e (one process, a socket each); the last
+    check of this module stops it."""
     directory = tempfile.mkdtemp(dir="/run")
     paths = {VF: f"{directory}/vf.sock", E1000E: f"{directory}/e1000e.sock"}
     argv = [*CLI, "serve"]
@@ -111,13 +112,17 @@ def sockets() -> Iterator[dict[str, str]]:
             assert line, "serve exited: " + "".join(lines) + server.stderr.read()
             lines.append(line.strip())
         assert any(line.startswith(f"serving {VF} (8086:10ca)") for line in lines), lines
-        yield paths
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, server.stderr.read()
+        yield server, paths
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def sockets(serve: tuple[subprocess.Popen[str], dict[str, str]]) -> dict[str, str]:
+    """The served devices' sockets, by address."""
+    return serve[1]
 
 
 def test_independent_client_finds_the_served_vf_identity_regions_and_mappings(
@@ -378,3 +383,17 @@ def test_a_dirty_logging_mediator_takes_over_from_the_iommu() -> None:
             assert log_one_megabyte(client, memfd) == 256
     finally:
         os.close(memfd)
+
+
+def test_serve_holds_the_groups_until_sigterm(
+    serve: tuple[subprocess.Popen[str], dict[str, str]],
+) -> None:
+    server, _ = serve
+    for address in (VF, E1000E):
+        with pytest.raises(VfioDeviceError) as caught:
+            create_device(address)
+        assert caught.value.errno == errno.EBUSY and "another process" in str(caught.value)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0, server.stderr.read() if server.stderr else ""
+    for address in (VF, E1000E):
+        create_device(address).close()  # the groups are free again
