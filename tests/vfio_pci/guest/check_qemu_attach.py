@@ -108,7 +108,8 @@ def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars(
         messages = [(r.levelno, r.getMessage()) for r in caplog.records]
         refused = [m for level, m in messages if "DMA_MAP refused with ENOTSUP" in m]
         warned = [m for level, m in messages if level == logging.WARNING and "DMA_MAP" in m]
-        assert len(refused) >= 2 and len(warned) == 1, messages
+        assert len(warned) == 1, messages
+        assert any("DMA_MAP 0xfffc0000+0x40000 without an fd" in m for m in refused), refused
         Path("/run/xchg/qemu_attach.json").write_text(json.dumps({"seconds": took}))
     finally:
         if qemu is not None:
