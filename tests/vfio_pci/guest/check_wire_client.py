@@ -315,10 +315,37 @@ def test_independent_client_gets_an_e1000e_dma_into_its_memfd_and_msix_on_its_ev
             with pytest.raises(WireError) as caught:
                 client.dma_unmap(IOVA, DMA_SIZE)
             assert caught.value.errno == errno.EINVAL
+            # unmapped means out of the IOMMU: a second descriptor is never written back
+            ring[16:32] = struct.pack("<QHBBBBH", IOVA + 0x1000, 64, 0, 0x0B, 0, 0, 0)
+            client.write32(BAR0, TDT, 2)
+            fault = f"[{E1000E[5:]}] fault addr {IOVA:#x}"
+            assert wait_for_kernel_message(fault), "the IOMMU reported no fault of the e1000e"
+            assert not ring[28] & 1, f"the device wrote unmapped memory: {ring[16:32].hex()}"
     finally:
         os.close(eventfd)
         ring.close()
         os.close(memfd)
+
+
+def wait_for_kernel_message(text: str, timeout: float = 5.0) -> bool:
+    """Whether the kernel log (``/dev/kmsg``) has a line containing ``text`` within
+    ``timeout`` seconds (e.g. the IOMMU's DMAR fault report)."""
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            except BrokenPipeError:  # records were overwritten while reading: go on
+                continue
+            if text.encode() in record:
+                return True
+        return False
+    finally:
+        os.close(fd)
 
 
 # -- which dirty tracking is in use, as the wire and probe say it ------------------------------
