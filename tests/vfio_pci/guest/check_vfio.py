@@ -382,6 +382,21 @@ def test_reset_reaches_the_device_and_the_mediator() -> None:
         assert trap.resets == 2
 
 
+def test_session_end_takes_the_client_memory_out_of_the_iommu() -> None:
+    with Served(VF) as served:
+        memory = served.client.dma_map_memfd(IOVA, 1 << 20)
+        assert served.backend.container.mappings == ((IOVA, 1 << 20),)
+        served.client.close()  # no DMA_UNMAP: the session just ends
+        served.client = None
+        deadline = time.monotonic() + 5
+        while served.backend.container.mappings and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.backend.container.mappings == ()
+        with pytest.raises(OSError):  # and out of the server's own view after it
+            served.backend.dma.read(IOVA, 1)
+        memory.close()
+
+
 def test_dma_map_without_fd_is_refused() -> None:
     with Served(VF) as served:
         with pytest.raises(OSError) as caught:
