@@ -3,9 +3,11 @@ the project's protocol code) against real devices on vfio-pci, INSIDE the nested
 
 ``vfio-mediate serve --device 0000:01:10.0 --device 0000:00:02.0`` serves the igb VF and the
 e1000e; the client checks what it is told against sysfs and against the device itself: the
-identity, every region, the mapping of the device fd, a real DMA into its own memfd and an MSI-X
-vector on its own eventfd. Then the dirty tracking each served VF offers (its mediator's hooks,
-else type1's IOMMU tracking) as VERSION, DEVICE_FEATURE and ``probe --json`` say it.
+identity, every region, the mapping of the device fd, a real DMA into its own memfd (and an
+IOMMU fault once unmapped) and an MSI-X vector on its own eventfd. Then the dirty tracking each
+served VF offers (its mediator's hooks, else type1's IOMMU tracking) as VERSION, DEVICE_FEATURE
+and ``probe --json`` say it. The serve holds its devices' groups until the last check stops it,
+so the checks serving a VF under a test mediator in this process use the other VF.
 """
 
 from __future__ import annotations
