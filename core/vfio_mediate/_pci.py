@@ -332,7 +332,7 @@ class EmulatedPciDevice:
                             f"{self.name}: model read {len(value)} bytes for a {count}-byte read",
                         )
                     return bytes(value)
-            return bytes(entry[3][offset : offset + count])
+            return entry[2][offset : offset + count]  # an mmap slice is bytes: one copy
 
     def write(self, index: int, offset: int, data: bytes) -> int:
         """Write config space (writable bits only) or a BAR (through the model)."""
