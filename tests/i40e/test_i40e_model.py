@@ -513,6 +513,16 @@ def test_no_dma_without_bus_mastering_or_while_quiesced(vf: Vf, recorder: WriteR
     assert not recorder.take()
 
 
+def test_wide_reads_beside_a_computed_register_do_not_compute_it(vf: Vf) -> None:
+    # After a reset VFGEN_RSTAT reads COMPLETED once: reads that end right before it or start
+    # right after it must leave that reading to the driver.
+    vf.guest()._post(vc.OP_RESET_VF, b"")
+    assert vf.device.read(r.BAR0, r.VFGEN_RSTAT - 256, 256) == bytes(256)
+    assert vf.device.read(r.BAR0, r.VFGEN_RSTAT + 4, 256) == bytes(256)
+    assert [vf.reg(r.VFGEN_RSTAT) for _ in range(2)] == [r.VFR_COMPLETED, r.VFR_VFACTIVE]
+    assert vf.device.read(r.BAR0, r.VFGEN_RSTAT - 256, 260)[256:] == (2).to_bytes(4, "little")
+
+
 def test_unaligned_and_wide_register_accesses(vf: Vf) -> None:
     guest = vf.guest()
     vf.device.read(r.BAR0, r.VFGEN_RSTAT, 4)
