@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import fcntl
 import mmap
@@ -11,9 +10,10 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import final
 
+from ._dma_memory import OFFSET_LIMIT, FileMemory, OpenFiles, can_shrink, map_shared
 from ._errors import AccessError
 
 __all__ = ["DmaMapping", "DmaSpace", "RemoteMemory"]
@@ -36,7 +36,9 @@ class RemoteMemory:
 
 @dataclass(eq=False)
 class DmaMapping:
-    """One mapped IOVA range: backed by a buffer (``memory``) or by ``remote`` messages."""
+    """One mapped IOVA range, backed by exactly one of: a buffer (``memory``), a file read and
+    written by ``pread``/``pwrite`` (``file``, for memory that can shrink) or ``remote``
+    messages."""
 
     iova: int
     size: int
@@ -44,7 +46,7 @@ class DmaMapping:
     writable: bool
     memory: memoryview | None = None
     remote: RemoteMemory | None = None
-    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    file: FileMemory | None = None
 
     @property
     def end(self) -> int:
@@ -52,15 +54,14 @@ class DmaMapping:
         return self.iova + self.size
 
     def close(self) -> None:
-        """Drop the mapping's memory (unmap it if the space mapped it)."""
+        """Drop the mapping's memory. Memory the space mapped is unmapped with the last view
+        of it; a file's fd is closed with the file's last mapping."""
         if self.memory is not None:
             self.memory.release()
             self.memory = None
-        if self._mmap is not None:
-            # A device may still hold a view of the memory: then it is unmapped with the last.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 WriteWatcher = Callable[[int, int], None]
@@ -81,6 +82,7 @@ class DmaSpace:
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._watchers: tuple[WriteWatcher, ...] = ()
+        self._files = OpenFiles()
 
     def map_memory(
         self,
@@ -104,38 +106,50 @@ class DmaSpace:
         readable: bool = True,
         writable: bool = True,
     ) -> DmaMapping:
-        """Map ``size`` bytes of the file ``fd`` from ``offset`` at ``iova`` (shared mapping).
+        """Map ``size`` bytes of the file ``fd`` from ``offset`` at ``iova`` (shared with
+        whoever else has the file); the caller keeps ownership of ``fd``.
 
-        The space maps the file itself; the caller keeps ownership of ``fd``.
+        Memory that cannot shrink (a memfd sealed against it, sealed here if it allows
+        sealing; a character device) is mapped and holds no fd. A file that can shrink (on
+        disk, tmpfs or hugetlbfs; a memfd without seals) is reached by ``pread``/``pwrite``
+        through one fd per file, so that a peer's truncation makes a DMA fail with EFAULT
+        instead of killing the process with SIGBUS; such a file that ``pwrite`` cannot write
+        (hugetlbfs) is refused for a writable mapping. ``AccessError(EINVAL)`` names the reason
+        of a refusal.
         """
-        if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        if (
+            size <= 0
+            or offset < 0
+            or offset % mmap.ALLOCATIONGRANULARITY
+            or offset + size > OFFSET_LIMIT
+        ):
             raise AccessError(errno.EINVAL, f"bad DMA mapping size {size:#x} or offset {offset:#x}")
         try:
             status = os.fstat(fd)
         except OSError as exc:
             raise AccessError(errno.EBADF, f"cannot map fd {fd} for DMA: {exc}") from exc
         if stat.S_ISREG(status.st_mode) and status.st_size < offset + size:
-            # Touching a shared mapping past the end of its file raises SIGBUS in the process.
             raise AccessError(
                 errno.EINVAL,
                 f"fd {fd} holds {status.st_size:#x} bytes, less than {offset:#x}+{size:#x}",
             )
-        _forbid_shrinking(fd)
-        prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
-        try:
-            mapped = mmap.mmap(
-                fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ, offset=offset
-            )
-        except (OSError, ValueError) as exc:
-            raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
-        mapping = DmaMapping(
-            iova, size, readable, writable, memory=memoryview(mapped), _mmap=mapped
-        )
-        try:
-            return self._add(mapping)
-        except AccessError:
-            mapping.close()
-            raise
+        with self._lock:
+            if can_shrink(fd, status):
+                file = self._files.memory(
+                    fd, status, offset, size, readable=readable, writable=writable
+                )
+                mapping = DmaMapping(iova, size, readable, writable, file=file)
+            else:
+                try:
+                    memory = map_shared(fd, size, offset, writable=writable)
+                except (OSError, ValueError, OverflowError) as exc:
+                    raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
+                mapping = DmaMapping(iova, size, readable, writable, memory=memory)
+            try:
+                return self._add(mapping)
+            except AccessError:
+                mapping.close()
+                raise
 
     def map_remote(
         self,
@@ -180,6 +194,12 @@ class DmaSpace:
                 mapping.close()
             self._starts.clear()
             self._maps.clear()
+
+    @property
+    def open_files(self) -> int:
+        """How many fds the space holds (one per file reached by ``pread``/``pwrite``)."""
+        with self._lock:
+            return len(self._files)
 
     @property
     def mappings(self) -> tuple[DmaMapping, ...]:
@@ -229,6 +249,8 @@ class DmaSpace:
             for mapping, offset, piece in self._pieces(iova, length, write=False):
                 if mapping.memory is not None:
                     chunks.append(bytes(mapping.memory[offset : offset + piece]))
+                elif mapping.file is not None:
+                    chunks.append(mapping.file.read(offset, piece))
                 else:
                     assert mapping.remote is not None
                     chunks.append((mapping.remote, offset, piece))
@@ -246,6 +268,8 @@ class DmaSpace:
             for mapping, offset, piece in self._pieces(iova, len(data), write=True):
                 if mapping.memory is not None:
                     mapping.memory[offset : offset + piece] = data[done : done + piece]
+                elif mapping.file is not None:
+                    mapping.file.write(offset, data[done : done + piece])
                 else:
                     assert mapping.remote is not None
                     remote.append((mapping.remote, offset, bytes(data[done : done + piece])))
@@ -258,24 +282,6 @@ class DmaSpace:
 
 
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-
-
-def _forbid_shrinking(fd: int) -> None:
-    """Make sure a memfd cannot shrink under our mapping (a peer's ``ftruncate`` would turn our
-    next access into SIGBUS and kill every device of the process). Other files (a VMM's file
-    backend) cannot be sealed; for them only the size check at map time holds."""
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        return  # not a memfd
-    if seals & fcntl.F_SEAL_SHRINK:
-        return
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except OSError as exc:
-        raise AccessError(
-            errno.EINVAL, f"memfd {fd} may shrink and cannot be sealed against it: {exc}"
-        ) from exc
 
 
 def anonymous_memory(size: int, name: str = "vfio-mediate") -> tuple[int, mmap.mmap]:

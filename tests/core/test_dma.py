@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -147,20 +153,165 @@ def test_memory_handed_out_cannot_shrink() -> None:
         os.close(fd)
 
 
-def test_a_mapped_memfd_is_sealed_or_refused() -> None:
+def test_a_sealable_memfd_is_sealed_and_mapped_an_unsealable_one_goes_through_the_fd() -> None:
     space = DmaSpace()
     sealable = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
-    unsealable = os.memfd_create("guest")
+    unsealable = os.memfd_create("guest")  # memory-backend-memfd,seal=off
     try:
         for fd in (sealable, unsealable):
             os.ftruncate(fd, 0x1000)
-        space.map_fd(0, 0x1000, sealable)
+        mapped = space.map_fd(0, 0x1000, sealable)
         with pytest.raises(PermissionError):
             os.ftruncate(sealable, 0)  # the DMA space sealed it when it mapped it
-        with pytest.raises(AccessError, match="may shrink") as error:
-            space.map_fd(0x1000, 0x1000, unsealable)
-        assert error.value.errno == errno.EINVAL
+        assert mapped.memory is not None and mapped.file is None
+        by_fd = space.map_fd(0x1000, 0x1000, unsealable)
+        assert by_fd.memory is None and by_fd.file is not None
+        space.write(0xFF0, b"0123456789abcdefghij")
+        assert os.pread(sealable, 16, 0xFF0) == b"0123456789abcdef"
+        assert os.pread(unsealable, 4, 0) == b"ghij"
+        os.pwrite(unsealable, b"guest", 8)
+        assert space.read(0x1008, 5) == b"guest"
     finally:
         space.unmap_all()
         os.close(sealable)
         os.close(unsealable)
+
+
+SURVIVOR = """
+import errno, json, os, sys
+from vfio_mediate import AccessError, DmaSpace
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "memfd":
+    fd = os.memfd_create("guest")
+else:
+    fd = os.open(os.path.join(where, "guest-ram"), os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 0x4000)
+space = DmaSpace()
+mapping = space.map_fd(0x10000, 0x4000, fd)
+space.write(0x12000, b"device data")
+seen = {"before": os.pread(fd, 11, 0x2000).decode()}
+os.ftruncate(fd, 0x1000)  # a peer takes the memory back while the device still has it mapped
+for what, access in (("read", lambda: space.read(0x12000, 8)),
+                     ("write", lambda: space.write(0x13ff0, b"x" * 0x20))):
+    try:
+        access()
+        seen[what] = "no error"
+    except AccessError as exc:
+        seen[what] = errno.errorcode[exc.errno]
+seen["size_after"] = os.fstat(fd).st_size
+seen["still_mapped_below"] = space.read(0x10000, 4) == bytes(4)
+seen["by_fd"] = mapping.file is not None
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("kind", ["disk", "tmpfs", "memfd"])
+def test_truncating_mapped_memory_is_an_error_not_sigbus(kind: str, tmp_path: Path) -> None:
+    """The SIGBUS of a shared mapping past a file's end would kill every device of the
+    process: the child that does it must live and see EFAULT."""
+    where = str(tmp_path)
+    if kind == "tmpfs":
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        if not any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts):
+            pytest.skip("no tmpfs at /dev/shm")
+        where = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", SURVIVOR, kind, where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        if kind == "tmpfs":
+            shutil.rmtree(where, ignore_errors=True)
+    assert child.returncode == 0, f"the child died ({child.returncode}): {child.stderr}"
+    assert json.loads(child.stdout) == {
+        "before": "device data",
+        "by_fd": True,
+        "read": "EFAULT",
+        "write": "EFAULT",
+        "size_after": 0x1000,  # the refused write did not grow the file back
+        "still_mapped_below": True,
+    }
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_mapped_memory_holds_no_fd_and_files_one_each(tmp_path: Path) -> None:
+    """A DMA space holds no fd for mapped memory and one per file reached through its fd,
+    however many mappings there are (so ``max_dma_maps`` maps cannot exhaust RLIMIT_NOFILE)."""
+    space = DmaSpace()
+    fd, memory = anonymous_memory(0x1000 * 300)
+    file_fd = os.open(tmp_path / "guest-ram", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(file_fd, 0x1000 * 300)
+    opened = _open_fds()
+    try:
+        for page in range(300):
+            space.map_fd(page * 0x1000, 0x1000, fd, page * 0x1000)
+            space.map_fd((1 << 32) + page * 0x1000, 0x1000, file_fd, page * 0x1000)
+        os.close(fd)
+        os.close(file_fd)
+        assert _open_fds() == opened - 2 + 1  # the caller's two are closed; the file's one
+        assert space.open_files == 1
+        space.write(299 * 0x1000, b"sealed")
+        space.write((1 << 32) + 299 * 0x1000, b"file")
+        assert bytes(memory[299 * 0x1000 : 299 * 0x1000 + 6]) == b"sealed"
+        assert (tmp_path / "guest-ram").read_bytes()[299 * 0x1000 :][:4] == b"file"
+        view = space.mappings[0].memory
+        assert view is not None
+        kept = view[:6]
+        space.unmap_all()
+        assert _open_fds() == opened - 2
+        assert space.open_files == 0
+        memory[:6] = b"alive!"
+        assert bytes(kept) == b"alive!", "a view outlives the mapping: unmapped with the last"
+    finally:
+        memory.close()
+
+
+def test_memory_that_can_shrink_and_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    """hugetlbfs has no write(): a writable mapping of such a file would have to be mmap, and
+    could SIGBUS; refused with the reason. Read-only mappings go through pread."""
+    try:
+        huge = os.memfd_create("guest", os.MFD_HUGETLB)  # no seals: it can shrink
+    except OSError as exc:
+        pytest.skip(f"no hugetlbfs memfd here: {exc}")
+    space = DmaSpace()
+    try:
+        os.ftruncate(huge, 2 << 20)
+        with pytest.raises(AccessError, match="cannot be written with pwrite") as refused:
+            space.map_fd(0, 2 << 20, huge)
+        assert refused.value.errno == errno.EINVAL
+        assert "seal=on" in str(refused.value)
+        space.map_fd(0, 2 << 20, huge, writable=False)
+        assert space.read(0x1000, 8) == bytes(8)
+    finally:
+        space.unmap_all()
+        os.close(huge)
+    read_only = tmp_path / "read-only"
+    read_only.write_bytes(b"r" * 0x1000)
+    fd = os.open(read_only, os.O_RDONLY)
+    try:
+        with pytest.raises(AccessError, match="cannot be written"):
+            space.map_fd(0, 0x1000, fd)
+        space.map_fd(0, 0x1000, fd, writable=False)
+        assert space.read(0, 2) == b"rr"
+    finally:
+        space.unmap_all()
+        os.close(fd)
+
+
+def test_offsets_beyond_off_t_are_refused_with_einval() -> None:
+    space = DmaSpace()
+    zero = os.open("/dev/zero", os.O_RDWR)
+    try:
+        for size, offset in ((0x1000, 1 << 63), (1 << 63, 0), (0x2000, (1 << 63) - 0x1000)):
+            with pytest.raises(AccessError) as refused:
+                space.map_fd(0, size, zero, offset)
+            assert refused.value.errno == errno.EINVAL
+    finally:
+        os.close(zero)

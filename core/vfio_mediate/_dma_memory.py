@@ -1,0 +1,238 @@
+"""The memory behind a DMA mapping of a file descriptor: mapped without holding the fd, or,
+for a file that can shrink under a mapping, read and written with ``pread``/``pwrite``.
+
+A shared mapping of a file that is truncated afterwards turns the next access into SIGBUS,
+which kills the process and every device it serves; a ``pread`` past the end of the file only
+comes back short. So memory that cannot shrink (a memfd sealed against it, a character device)
+is mapped, and memory that can (a regular file on disk, tmpfs or hugetlbfs, a memfd without
+seals) goes through the fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import weakref
+from typing import final
+
+from ._errors import AccessError
+
+__all__ = ["FileMemory", "OpenFiles", "can_shrink", "map_shared"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = getattr(_libc, "mmap64", None) or _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+OFFSET_LIMIT = 1 << 63
+"""File offsets (``off_t``) are below this."""
+
+
+def map_shared(fd: int, size: int, offset: int, *, writable: bool) -> memoryview:
+    """A shared mapping of ``size`` bytes of ``fd`` from ``offset`` as a byte view (read-only
+    unless ``writable``). Unlike ``mmap.mmap``, which keeps a duplicate of the fd for as long as
+    the mapping lives, this holds no fd: the caller may close ``fd`` at once. The memory is
+    unmapped when the last view of it is released."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    address = _mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    try:
+        buffer = (ctypes.c_ubyte * size).from_address(address)
+    except BaseException:
+        _munmap(address, size)
+        raise
+    # The views keep ``buffer`` alive; when the last one goes, so does the mapping. Not at
+    # interpreter exit: another thread may still be reading it then.
+    weakref.finalize(buffer, _munmap, address, size).atexit = False
+    view = memoryview(buffer).cast("B")
+    return view if writable else view.toreadonly()
+
+
+def can_shrink(fd: int, status: os.stat_result) -> bool:
+    """Whether the file of ``fd`` may get shorter while it is mapped.
+
+    A memfd that allows sealing is sealed against shrinking here (whoever holds it can then
+    still write it, never pull pages from under the mapping). A regular file without that seal
+    can shrink (any file on disk, tmpfs or hugetlbfs, a memfd made without sealing); other files
+    (a character device such as /dev/dax) have no size to lose.
+    """
+    if not stat.S_ISREG(status.st_mode):
+        return False
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return True  # a file system without seals
+    if seals & fcntl.F_SEAL_SHRINK:
+        return False
+    if seals & fcntl.F_SEAL_SEAL:
+        return True  # made without MFD_ALLOW_SEALING, or a plain tmpfs/hugetlbfs file
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return True
+    return False
+
+
+@final
+class _OpenFile:
+    """One fd of a file, shared by every mapping of that file in one DMA space."""
+
+    def __init__(self, fd: int, key: tuple[int, int, int], files: OpenFiles) -> None:
+        self.fd = fd
+        self.key = key
+        self.users = 0
+        self._files = files
+
+    def release(self) -> None:
+        self.users -= 1
+        if not self.users:
+            self._files.forget(self)
+            os.close(self.fd)
+
+
+@final
+class OpenFiles:
+    """The fds a DMA space keeps for its ``FileMemory`` mappings: one per file (and access
+    mode), however many mappings of it there are. Not thread-safe: the space's lock guards it."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, int, int], _OpenFile] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def memory(
+        self,
+        fd: int,
+        status: os.stat_result,
+        offset: int,
+        size: int,
+        *,
+        readable: bool,
+        writable: bool,
+    ) -> FileMemory:
+        """``FileMemory`` for ``size`` bytes of ``fd`` from ``offset``; ``AccessError(EINVAL)``
+        when the fd cannot be read or written as the mapping needs (hugetlbfs has no ``write``;
+        an fd opened read-only)."""
+        key = (status.st_dev, status.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        shared = self._open.get(key)
+        if shared is None:
+            _probe(fd, offset, readable=readable, writable=writable)
+            shared = _OpenFile(os.dup(fd), key, self)
+            self._open[key] = shared
+        elif writable:
+            _probe(shared.fd, offset, readable=readable, writable=writable)
+        shared.users += 1
+        return FileMemory(shared, offset, size)
+
+    def forget(self, shared: _OpenFile) -> None:
+        """Drop ``shared`` (its last mapping is gone)."""
+        if self._open.get(shared.key) is shared:
+            del self._open[shared.key]
+
+
+def _probe(fd: int, offset: int, *, readable: bool, writable: bool) -> None:
+    """Zero-length reads and writes fail as real ones would: EINVAL where the file system has
+    no ``write`` (hugetlbfs), EBADF for the wrong access mode."""
+    try:
+        os.pread(fd, 0, offset)
+    except OSError as exc:
+        raise AccessError(
+            errno.EINVAL, f"fd {fd} can shrink and cannot be read with pread: {exc.strerror}"
+        ) from exc
+    if writable:
+        try:
+            os.pwrite(fd, b"", offset)
+        except OSError as exc:
+            raise AccessError(
+                errno.EINVAL,
+                f"fd {fd} can shrink (no F_SEAL_SHRINK) and cannot be written with pwrite "
+                f"({exc.strerror}; hugetlbfs files cannot): mapping it could kill the server "
+                "with SIGBUS; give memory that cannot shrink, e.g. a sealed memfd "
+                "(memory-backend-memfd,seal=on)",
+            ) from exc
+
+
+@final
+class FileMemory:
+    """``size`` bytes of a file from ``offset``, read and written with ``pread``/``pwrite``.
+
+    An access past the file's current end (a peer truncated it) raises ``AccessError(EFAULT)``;
+    a write never extends the file. Callers serialize ``close`` with accesses.
+    """
+
+    def __init__(self, shared: _OpenFile, offset: int, size: int) -> None:
+        self._shared: _OpenFile | None = shared
+        self.offset = offset
+        self.size = size
+
+    def _fd(self) -> int:
+        if self._shared is None:
+            raise AccessError(errno.EFAULT, "DMA mapping is closed")
+        return self._shared.fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` of the mapping."""
+        fd, position = self._fd(), self.offset + offset
+        try:
+            data = os.pread(fd, length, position)
+            while len(data) < length:
+                more = os.pread(fd, length - len(data), position + len(data))
+                if not more:
+                    raise AccessError(
+                        errno.EFAULT,
+                        f"DMA read at file offset {position:#x}+{length:#x}: "
+                        "the file is shorter than its mapping (truncated)",
+                    )
+                data += more
+        except AccessError:
+            raise
+        except OSError as exc:
+            raise AccessError(errno.EFAULT, f"DMA read of the file failed: {exc}") from exc
+        return data
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` of the mapping."""
+        fd, position = self._fd(), self.offset + offset
+        try:
+            # A pwrite past the end would grow the file: refuse instead, as a mapping would.
+            # (A truncation racing this check leaves a hole, never a signal.)
+            if os.fstat(fd).st_size < position + len(data):
+                raise AccessError(
+                    errno.EFAULT,
+                    f"DMA write at file offset {position:#x}+{len(data):#x}: "
+                    "the file is shorter than its mapping (truncated)",
+                )
+            view = memoryview(data).cast("B")
+            while view:
+                done = os.pwrite(fd, view, position)
+                if not done:
+                    raise AccessError(errno.EFAULT, "DMA write to the file made no progress")
+                view, position = view[done:], position + done
+        except AccessError:
+            raise
+        except OSError as exc:
+            raise AccessError(errno.EFAULT, f"DMA write to the file failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Give up the mapping's share of the fd (closed with the file's last mapping)."""
+        if self._shared is not None:
+            self._shared.release()
+            self._shared = None
