@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import threading
 from collections.abc import Iterable
 from typing import final
@@ -16,7 +17,8 @@ __all__ = ["DirtyBitmap", "DirtyLog", "bitmap_pages"]
 @final
 class DirtyBitmap:
     """One bit per page of ``[iova, iova + length)``: bit ``n`` is byte ``n // 8``, bit ``n % 8``,
-    which is the layout of Linux's array of little-endian u64s."""
+    which is the layout of Linux's array of little-endian u64s. Every operation costs what the
+    pages it touches take, never the whole bitmap."""
 
     def __init__(self, iova: int, length: int, page_size: int) -> None:
         self.iova = iova
@@ -36,17 +38,37 @@ class DirtyBitmap:
         bits[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
         bits[last_byte] |= 0xFF >> (7 - (last & 7))
 
+    def clear_pages(self, first: int, last: int) -> None:
+        """Clear the bits of pages ``first`` to ``last`` inclusive."""
+        bits = self.bits
+        first_byte, last_byte = first >> 3, last >> 3
+        below, above = (1 << (first & 7)) - 1, (0xFF << ((last & 7) + 1)) & 0xFF
+        if first_byte == last_byte:
+            bits[first_byte] &= below | above
+            return
+        bits[first_byte] &= below
+        bits[first_byte + 1 : last_byte] = bytes(last_byte - first_byte - 1)
+        bits[last_byte] &= above
+
+    def window(self, first: int, count: int) -> int:
+        """The bits of pages ``first`` to ``first + count - 1`` (bit 0: page ``first``)."""
+        low = first >> 3
+        chunk = int.from_bytes(self.bits[low : (first + count + 7) >> 3], "little")
+        return (chunk >> (first & 7)) & ((1 << count) - 1)
+
 
 def bitmap_pages(bitmap: bytes) -> list[int]:
     """The numbers of the set bits of a dirty bitmap (bit ``n``: byte ``n // 8``, bit
-    ``n % 8``), in order; work per set bit, not per page."""
-    value = int.from_bytes(bitmap, "little")
-    pages = []
-    while value:
-        lowest = value & -value
-        pages.append(lowest.bit_length() - 1)
-        value ^= lowest
+    ``n % 8``), in order; a scan for non-zero bytes, then work per set bit."""
+    pages: list[int] = []
+    for match in _NONZERO.finditer(bitmap):
+        at = match.start()
+        pages += [at * 8 + n for n in _SET_BITS[bitmap[at]]]
     return pages
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+_SET_BITS = [tuple(n for n in range(8) if x >> n & 1) for x in range(256)]
 
 
 @final
@@ -97,15 +119,19 @@ class DirtyLog:
 
         ``page_size`` may differ from the logging's: a report page is dirty when any logged page
         in it is. A logged page that the range covers only in part is reported, not cleared.
+        The cost is that of the range's bits (bulk byte and integer operations), whatever the
+        size of the log and of either page size.
         """
         if page_size <= 0 or page_size & (page_size - 1):
             raise AccessError(errno.EINVAL, f"report page size {page_size} is not a power of two")
         if length <= 0 or iova % page_size or iova < 0:
             raise AccessError(errno.EINVAL, f"bad report range {iova:#x}+{length:#x}")
         pages = -(-length // page_size)
+        out = bytearray(-(-pages // 64) * 8)
         end = iova + length
         shift = self._shift
-        target = 0
+        # log2 of report pages per logged page: > 0 coarser, < 0 finer.
+        scale = page_size.bit_length() - 1 - shift
         with self._lock:
             windows = [
                 (bitmap, max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length))
@@ -117,27 +143,104 @@ class DirtyLog:
             for bitmap, low, high in windows:
                 first = (low - bitmap.iova) >> shift
                 last = (high - 1 - bitmap.iova) >> shift
-                mask = (1 << (last - first + 1)) - 1
-                source = int.from_bytes(bitmap.bits, "little")
-                window = (source >> first) & mask
+                count = last - first + 1
+                window = bitmap.window(first, count)
                 base = bitmap.iova + (first << shift)
-                clear = mask
-                if base < iova:
-                    clear &= ~1
-                if bitmap.iova + ((last + 1) << shift) > end:
-                    clear &= ~(1 << (last - first))
-                bitmap.bits[:] = (source & ~(clear << first)).to_bytes(len(bitmap.bits), "little")
-                if page_size == self.page_size:
-                    target |= window << ((base - iova) >> shift)
+                clear_first = first + (base < iova)
+                clear_last = last - (bitmap.iova + ((last + 1) << shift) > end)
+                if clear_first <= clear_last:
+                    bitmap.clear_pages(clear_first, clear_last)
+                if not window:
                     continue
-                while window:  # other granularity: one step per dirty logged page
-                    lowest = window & -window
-                    window ^= lowest
-                    start = max(base + ((lowest.bit_length() - 1) << shift), iova)
-                    stop = min(start - start % self.page_size + self.page_size, end)
-                    first_page = (start - iova) // page_size
-                    last_page = (stop - 1 - iova) // page_size
-                    target |= ((1 << (last_page - first_page + 1)) - 1) << first_page
-        out = target.to_bytes(-(-pages // 8), "little")
-        words = -(-pages // 64)
-        return out + bytes(words * 8 - len(out))
+                if scale == 0:
+                    _or_bits(out, (base - iova) >> shift, window, count)
+                elif scale > 0:
+                    offset = base - iova  # >= 0: both are logged-page aligned here
+                    lead = (offset % page_size) >> shift
+                    groups = -(-(lead + count) >> scale)
+                    _or_bits(out, offset // page_size, _coarsen(window << lead, scale), groups)
+                else:
+                    expanded = _expand(window, count, -scale)
+                    bits = count << -scale
+                    if base < iova:
+                        skip = (iova - base) // page_size
+                        expanded, bits, at = expanded >> skip, bits - skip, 0
+                    else:
+                        at = (base - iova) // page_size
+                    bits = min(bits, pages - at)
+                    _or_bits(out, at, expanded & ((1 << bits) - 1), bits)
+        return bytes(out)
+
+
+def _or_bits(out: bytearray, at: int, value: int, count: int) -> None:
+    """OR the ``count`` bits of ``value`` into ``out`` from bit ``at``."""
+    low = at >> 3
+    size = ((at & 7) + count + 7) >> 3
+    current = int.from_bytes(out[low : low + size], "little")
+    out[low : low + size] = (current | value << (at & 7)).to_bytes(size, "little")
+
+
+def _or_bytes(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def _pad(data: bytes, multiple: int) -> bytes:
+    return data + bytes(-len(data) % multiple)
+
+
+def _any_of_groups(byte: int, scale: int) -> int:
+    """The bits of ``byte`` ORed in groups of ``2**scale`` (scale 1-3), packed."""
+    size = 1 << scale
+    mask = (1 << size) - 1
+    return sum(1 << n for n in range(8 >> scale) if byte >> (n * size) & mask)
+
+
+def _spread(byte: int, factor: int) -> int:
+    """Each bit of ``byte`` repeated ``factor`` times (bit ``n`` -> bits ``n*factor``...)."""
+    run = (1 << factor) - 1
+    return sum(run << (n * factor) for n in range(8) if byte >> n & 1)
+
+
+# _COARSE[scale][i]: byte i of each run of 2**scale bytes -> its packed group bits, in place.
+_COARSE = {
+    scale: [
+        bytes(_any_of_groups(x, scale) << (i * (8 >> scale)) for x in range(256))
+        for i in range(1 << scale)
+    ]
+    for scale in (1, 2, 3)
+}
+# _FINE[factor][i]: output byte i of an input byte whose bits are repeated ``factor`` times.
+_FINE = {
+    factor: [bytes(_spread(x, factor) >> (8 * i) & 0xFF for x in range(256)) for i in range(factor)]
+    for factor in (2, 4, 8)
+}
+
+
+def _coarsen(value: int, scale: int) -> int:
+    """Bit ``n`` of the result: any of bits ``n * 2**scale`` ... of ``value`` (``scale`` > 0)."""
+    data = value.to_bytes(-(-value.bit_length() // 8), "little")
+    while scale > 3:  # bytes pairwise ORed until each group of bits is one byte
+        data = _pad(data, 2)
+        data = _or_bytes(data[0::2], data[1::2])
+        scale -= 1
+    runs = 1 << scale
+    data = _pad(data, runs)
+    packed = 0
+    for i, table in enumerate(_COARSE[scale]):
+        packed |= int.from_bytes(data[i::runs].translate(table), "little")
+    return packed
+
+
+def _expand(value: int, count: int, scale: int) -> int:
+    """Each of the ``count`` bits of ``value`` repeated ``2**scale`` times (``scale`` > 0)."""
+    data = value.to_bytes(-(-count // 8), "little")
+    factor = min(1 << scale, 8)
+    out = bytearray(len(data) * factor)
+    for i, table in enumerate(_FINE[factor]):
+        out[i::factor] = data.translate(table)
+    if scale > 3:  # each bit is a byte now: repeat each byte
+        repeat = 1 << (scale - 3)
+        data, out = bytes(out), bytearray(len(out) * repeat)
+        for i in range(repeat):
+            out[i::repeat] = data
+    return int.from_bytes(out, "little")

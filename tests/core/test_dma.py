@@ -9,13 +9,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vfio_mediate import AccessError, DirtyLog, DmaSpace, anonymous_memory
+from vfio_mediate import AccessError, DirtyLog, DmaSpace, anonymous_memory, bitmap_pages
 
 
 def test_read_write_across_adjacent_mappings_and_watch() -> None:
@@ -139,6 +141,112 @@ def test_dirty_log_matches_a_page_set_model(
     assert {bit for bit in range(0x40) if rest >> bit & 1} == {
         p for p in model if p < 0x40 and not first <= p < first + count
     }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    log_shift=st.integers(12, 14),
+    report_shift=st.integers(9, 17),
+    writes=st.lists(
+        st.tuples(st.integers(0, 0x7FFFF), st.integers(1, 0x9000)), min_size=0, max_size=30
+    ),
+    start=st.integers(0, 0x7FFFF),
+    length=st.integers(1, 0x80000),
+)
+def test_reports_at_any_page_size_match_a_page_set_model(
+    log_shift: int,
+    report_shift: int,
+    writes: list[tuple[int, int]],
+    start: int,
+    length: int,
+) -> None:
+    """Coarser and finer report pages, ranges across two logged ranges and partly covered
+    logged pages (reported, kept): bulk conversions agree with a set of logged pages."""
+    log_page, page = 1 << log_shift, 1 << report_shift
+    size = 0x80000
+    log = DirtyLog(log_page, [(0, size // 2), (size // 2, size // 2)])
+    model: set[int] = set()
+    for iova, count in writes:
+        log.mark(iova, count)
+        model.update(
+            n
+            for n in range(iova // log_page, (iova + count - 1) // log_page + 1)
+            if n * log_page < size
+        )
+    iova = start - start % page
+    length = min(length, size - iova)
+    end = iova + length
+    bitmap = log.report(iova, length, page)
+    pages = -(-length // page)
+    assert len(bitmap) == -(-pages // 64) * 8
+    reported = int.from_bytes(bitmap, "little")
+    for n in range(pages):
+        low, high = iova + n * page, min(iova + (n + 1) * page, end)
+        dirty = any(p * log_page < high and low < (p + 1) * log_page for p in model)
+        assert bool(reported >> n & 1) == dirty, f"report page {n}"
+    assert reported >> pages == 0
+    kept = {p for p in model if not (iova <= p * log_page and (p + 1) * log_page <= end)}
+    rest = int.from_bytes(log.report(0, size, log_page), "little")
+    assert {n for n in range(size // log_page) if rest >> n & 1} == kept
+
+
+def test_a_report_costs_its_range_not_the_whole_log() -> None:
+    """After logging 2 TiB, a one-page report must not convert the 64 MiB bitmap (which held
+    the server's loop for 0.1-0.4 s per report): it allocates a few bytes, not megabytes."""
+    log = DirtyLog(4096, [(0, 2 << 40)])
+    log.mark((1 << 40) + 5, 1)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        bitmap = log.report(1 << 40, 4096, 4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bitmap == (1).to_bytes(8, "little")
+    assert peak < 1 << 16, f"a one-page report allocated {peak} bytes"
+
+
+def _report_lines(log: DirtyLog, iova: int, length: int, page: int) -> tuple[bytes, int]:
+    """``log.report(...)`` and how many lines of the dirty log's module it ran."""
+    lines = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        nonlocal lines
+        if frame.f_code.co_filename.endswith("_dirty.py"):
+            lines += event == "line"
+            return tracer
+        return None
+
+    sys.settrace(tracer)
+    try:
+        bitmap = log.report(iova, length, page)
+    finally:
+        sys.settrace(None)
+    return bitmap, lines
+
+
+@pytest.mark.parametrize("page", [2 << 20, 1024])
+def test_other_page_size_reports_do_no_work_per_dirty_page(page: int) -> None:
+    """A report at another page size than the logging one ran a loop per dirty logged page
+    (quadratic: 64 GiB took hours): now a fixed number of bulk steps, however many are dirty."""
+    size = 64 << 20
+    runs = []
+    for dirty in (1, size // 4096):
+        log = DirtyLog(4096, [(0, size)])
+        for n in range(dirty):
+            log.mark(n * 4096, 1)
+        bitmap, lines = _report_lines(log, 0, size, page)
+        runs.append(lines)
+        everything = (1 << (size // page)) - 1
+        first_page = (1 << max(1, 4096 // page)) - 1
+        assert int.from_bytes(bitmap, "little") == (everything if dirty > 1 else first_page)
+    assert runs[1] <= runs[0] + 10, f"lines run for 1 and for every page dirty: {runs}"
+
+
+@given(bitmap=st.binary(max_size=300))
+def test_bitmap_pages_lists_the_set_bits_in_order(bitmap: bytes) -> None:
+    value = int.from_bytes(bitmap, "little")
+    assert bitmap_pages(bitmap) == [n for n in range(len(bitmap) * 8) if value >> n & 1]
 
 
 def test_memory_handed_out_cannot_shrink() -> None:
