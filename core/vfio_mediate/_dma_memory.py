@@ -21,7 +21,7 @@ from typing import final
 
 from ._errors import AccessError
 
-__all__ = ["FileMemory", "OpenFiles", "can_shrink", "map_shared"]
+__all__ = ["MAX_OPEN_FILES", "FileMemory", "OpenFiles", "can_shrink", "map_shared"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = getattr(_libc, "mmap64", None) or _libc.mmap
@@ -41,6 +41,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 OFFSET_LIMIT = 1 << 63
 """File offsets (``off_t``) are below this."""
+MAX_OPEN_FILES = 64
+"""The most files one DMA space reaches through their fds (a VMM hands one per memory
+backend): more would let one client run the process out of fds."""
 
 
 def map_shared(fd: int, size: int, offset: int, *, writable: bool) -> memoryview:
@@ -110,9 +113,11 @@ class _OpenFile:
 @final
 class OpenFiles:
     """The fds a DMA space keeps for its ``FileMemory`` mappings: one per file (and access
-    mode), however many mappings of it there are. Not thread-safe: the space's lock guards it."""
+    mode), however many mappings of it there are, at most ``limit``. Not thread-safe: the
+    space's lock guards it."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
+        self.limit = limit
         self._open: dict[tuple[int, int, int], _OpenFile] = {}
 
     def __len__(self) -> int:
@@ -130,10 +135,16 @@ class OpenFiles:
     ) -> FileMemory:
         """``FileMemory`` for ``size`` bytes of ``fd`` from ``offset``; ``AccessError(EINVAL)``
         when the fd cannot be read or written as the mapping needs (hugetlbfs has no ``write``;
-        an fd opened read-only)."""
+        an fd opened read-only), ``AccessError(ENOSPC)`` for a file past the ``limit``."""
         key = (status.st_dev, status.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
         shared = self._open.get(key)
         if shared is None:
+            if len(self._open) >= self.limit:
+                raise AccessError(
+                    errno.ENOSPC,
+                    f"{len(self._open)} files that can shrink are mapped already, the most one "
+                    "device keeps open; map memory that cannot shrink (a sealed memfd) instead",
+                )
             _probe(fd, offset, readable=readable, writable=writable)
             shared = _OpenFile(os.dup(fd), key, self)
             self._open[key] = shared

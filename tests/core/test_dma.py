@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfio_mediate import AccessError, DirtyLog, DmaSpace, anonymous_memory, bitmap_pages
+from vfio_mediate._dma_memory import MAX_OPEN_FILES
 
 
 def test_read_write_across_adjacent_mappings_and_watch() -> None:
@@ -379,6 +380,32 @@ def test_mapped_memory_holds_no_fd_and_files_one_each(tmp_path: Path) -> None:
         assert bytes(kept) == b"alive!", "a view outlives the mapping: unmapped with the last"
     finally:
         memory.close()
+
+
+def test_the_files_a_space_keeps_open_are_bounded() -> None:
+    """A client handing a new unsealed memfd with every DMA_MAP cannot run the process out of
+    fds: past MAX_OPEN_FILES distinct files, ENOSPC; sealed memory is not counted."""
+    space = DmaSpace()
+    files = [os.memfd_create(f"guest-{n}") for n in range(MAX_OPEN_FILES + 1)]
+    sealed, memory = anonymous_memory(0x1000)
+    try:
+        for n, fd in enumerate(files):
+            os.ftruncate(fd, 0x1000)
+            if n < MAX_OPEN_FILES:
+                space.map_fd(n * 0x1000, 0x1000, fd)
+        with pytest.raises(AccessError, match="sealed memfd") as refused:
+            space.map_fd(1 << 32, 0x1000, files[-1])
+        assert refused.value.errno == errno.ENOSPC
+        space.map_fd((1 << 32) + 0x1000, 0x1000, files[0], writable=False)  # a file it has
+        space.map_fd(1 << 33, 0x1000, sealed)
+        space.unmap(0x1000, 0x1000)
+        space.map_fd(1 << 32, 0x1000, files[-1])
+        assert space.open_files == MAX_OPEN_FILES
+    finally:
+        space.unmap_all()
+        memory.close()
+        for fd in (*files, sealed):
+            os.close(fd)
 
 
 def test_memory_that_can_shrink_and_cannot_be_written_is_refused(tmp_path: Path) -> None:
