@@ -13,7 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
-from ._dma_memory import OFFSET_LIMIT, FileMemory, OpenFiles, can_shrink, map_shared
+from ._dma_memory import (
+    OFFSET_LIMIT,
+    FileMemory,
+    OpenFiles,
+    fd_access_problem,
+    map_shared,
+    sealed_against_shrinking,
+)
 from ._errors import AccessError
 
 __all__ = ["DmaMapping", "DmaSpace", "RemoteMemory"]
@@ -110,12 +117,12 @@ class DmaSpace:
         whoever else has the file); the caller keeps ownership of ``fd``.
 
         Memory that cannot shrink (a memfd sealed against it, sealed here if it allows
-        sealing; a character device) is mapped and holds no fd. A file that can shrink (on
-        disk, tmpfs or hugetlbfs; a memfd without seals) is reached by ``pread``/``pwrite``
-        through one fd per file, so that a peer's truncation makes a DMA fail with EFAULT
-        instead of killing the process with SIGBUS; such a file that ``pwrite`` cannot write
-        (hugetlbfs) is refused for a writable mapping. ``AccessError(EINVAL)`` names the reason
-        of a refusal.
+        sealing) is mapped and holds no fd. Anything else (a file on disk, tmpfs or hugetlbfs;
+        a memfd without seals; a device) is reached by ``pread``/``pwrite`` through one fd per
+        file, so that a peer's truncation makes a DMA fail with EFAULT instead of killing the
+        process with SIGBUS; device memory without read/write (/dev/dax) is mapped; the rest
+        (hugetlbfs for a writable mapping, pipes) is refused with ``AccessError(EINVAL)``
+        naming the reason, and a file past ``MAX_OPEN_FILES`` with ``ENOSPC``.
         """
         if (
             size <= 0
@@ -134,22 +141,38 @@ class DmaSpace:
                 f"fd {fd} holds {status.st_size:#x} bytes, less than {offset:#x}+{size:#x}",
             )
         with self._lock:
-            if can_shrink(fd, status):
-                file = self._files.memory(
-                    fd, status, offset, size, readable=readable, writable=writable
-                )
-                mapping = DmaMapping(iova, size, readable, writable, file=file)
-            else:
-                try:
-                    memory = map_shared(fd, size, offset, writable=writable)
-                except (OSError, ValueError, OverflowError) as exc:
-                    raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
-                mapping = DmaMapping(iova, size, readable, writable, memory=memory)
-            try:
-                return self._add(mapping)
-            except AccessError:
-                mapping.close()
-                raise
+            if sealed_against_shrinking(fd, status):
+                return self._add_mapped(iova, size, fd, offset, readable, writable)
+            problem = fd_access_problem(fd, offset, writable=writable)
+            if problem is None:
+                file = self._files.memory(fd, status, offset, size)
+                return self._add_closing(DmaMapping(iova, size, readable, writable, file=file))
+            if stat.S_ISCHR(status.st_mode):
+                # Device memory without read/write (/dev/dax) has no size to lose.
+                return self._add_mapped(iova, size, fd, offset, readable, writable)
+            raise AccessError(
+                errno.EINVAL,
+                f"fd {fd} may shrink under a mapping (a SIGBUS would kill the server) and "
+                f"cannot be {problem}; give memory sealed against shrinking, e.g. "
+                "memory-backend-memfd,seal=on",
+            )
+
+    def _add_mapped(
+        self, iova: int, size: int, fd: int, offset: int, readable: bool, writable: bool
+    ) -> DmaMapping:
+        try:
+            memory = map_shared(fd, size, offset, writable=writable)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
+        return self._add_closing(DmaMapping(iova, size, readable, writable, memory=memory))
+
+    def _add_closing(self, mapping: DmaMapping) -> DmaMapping:
+        """``_add``, closing the mapping's memory when it is refused."""
+        try:
+            return self._add(mapping)
+        except AccessError:
+            mapping.close()
+            raise
 
     def map_remote(
         self,

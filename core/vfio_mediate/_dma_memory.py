@@ -3,9 +3,9 @@ for a file that can shrink under a mapping, read and written with ``pread``/``pw
 
 A shared mapping of a file that is truncated afterwards turns the next access into SIGBUS,
 which kills the process and every device it serves; a ``pread`` past the end of the file only
-comes back short. So memory that cannot shrink (a memfd sealed against it, a character device)
-is mapped, and memory that can (a regular file on disk, tmpfs or hugetlbfs, a memfd without
-seals) goes through the fd.
+comes back short. So only memory that cannot shrink (a memfd sealed against it) is mapped, and
+anything else that ``pread``/``pwrite`` can reach (a regular file on disk or tmpfs, a memfd
+without seals) goes through the fd.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import stat
@@ -21,7 +22,14 @@ from typing import final
 
 from ._errors import AccessError
 
-__all__ = ["MAX_OPEN_FILES", "FileMemory", "OpenFiles", "can_shrink", "map_shared"]
+__all__ = [
+    "MAX_OPEN_FILES",
+    "FileMemory",
+    "OpenFiles",
+    "fd_access_problem",
+    "map_shared",
+    "sealed_against_shrinking",
+]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = getattr(_libc, "mmap64", None) or _libc.mmap
@@ -68,29 +76,42 @@ def map_shared(fd: int, size: int, offset: int, *, writable: bool) -> memoryview
     return view if writable else view.toreadonly()
 
 
-def can_shrink(fd: int, status: os.stat_result) -> bool:
-    """Whether the file of ``fd`` may get shorter while it is mapped.
-
-    A memfd that allows sealing is sealed against shrinking here (whoever holds it can then
-    still write it, never pull pages from under the mapping). A regular file without that seal
-    can shrink (any file on disk, tmpfs or hugetlbfs, a memfd made without sealing); other files
-    (a character device such as /dev/dax) have no size to lose.
-    """
+def sealed_against_shrinking(fd: int, status: os.stat_result) -> bool:
+    """Whether ``fd`` is a regular file that can never get shorter: a memfd sealed against
+    shrinking, or one that allows sealing, which is then sealed here (whoever holds it can
+    still write it, never pull pages from under a mapping). Any other file (on disk, tmpfs or
+    hugetlbfs, a memfd made without sealing) can shrink."""
     if not stat.S_ISREG(status.st_mode):
         return False
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return True  # a file system without seals
+        return False  # a file system without seals
     if seals & fcntl.F_SEAL_SHRINK:
-        return False
+        return True
     if seals & fcntl.F_SEAL_SEAL:
-        return True  # made without MFD_ALLOW_SEALING, or a plain tmpfs/hugetlbfs file
+        return False  # made without MFD_ALLOW_SEALING, or a plain tmpfs/hugetlbfs file
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     except OSError:
-        return True
-    return False
+        return False
+    return True
+
+
+def fd_access_problem(fd: int, offset: int, *, writable: bool) -> str | None:
+    """Why ``fd`` cannot be read with ``pread`` (or written with ``pwrite`` when ``writable``),
+    or ``None``. Zero-length calls fail as real ones would: EINVAL where the file system has
+    no ``write`` (hugetlbfs), EBADF for an fd opened without that access, ESPIPE for pipes."""
+    try:
+        os.pread(fd, 0, offset)
+    except OSError as exc:
+        return f"read with pread ({exc.strerror})"
+    if writable:
+        try:
+            os.pwrite(fd, b"", offset)
+        except OSError as exc:
+            return f"written with pwrite ({exc.strerror}; hugetlbfs files cannot be)"
+    return None
 
 
 @final
@@ -100,6 +121,7 @@ class _OpenFile:
     def __init__(self, fd: int, key: tuple[int, int, int], files: OpenFiles) -> None:
         self.fd = fd
         self.key = key
+        self.regular = key[0] >= 0
         self.users = 0
         self._files = files
 
@@ -112,31 +134,28 @@ class _OpenFile:
 
 @final
 class OpenFiles:
-    """The fds a DMA space keeps for its ``FileMemory`` mappings: one per file (and access
-    mode), however many mappings of it there are, at most ``limit``. Not thread-safe: the
-    space's lock guards it."""
+    """The fds a DMA space keeps for its ``FileMemory`` mappings, at most ``limit``: one per
+    regular file (and access mode), however many mappings of it there are; one per mapping of
+    anything else (whose inode numbers may be shared). Not thread-safe: the space's lock
+    guards it."""
 
     def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
         self.limit = limit
         self._open: dict[tuple[int, int, int], _OpenFile] = {}
+        self._unshared = itertools.count()
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def memory(
-        self,
-        fd: int,
-        status: os.stat_result,
-        offset: int,
-        size: int,
-        *,
-        readable: bool,
-        writable: bool,
-    ) -> FileMemory:
-        """``FileMemory`` for ``size`` bytes of ``fd`` from ``offset``; ``AccessError(EINVAL)``
-        when the fd cannot be read or written as the mapping needs (hugetlbfs has no ``write``;
-        an fd opened read-only), ``AccessError(ENOSPC)`` for a file past the ``limit``."""
-        key = (status.st_dev, status.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+    def memory(self, fd: int, status: os.stat_result, offset: int, size: int) -> FileMemory:
+        """``FileMemory`` for ``size`` bytes of ``fd`` from ``offset`` (checked readable and
+        writable as needed by ``fd_access_problem``); ``AccessError(ENOSPC)`` for a file past
+        the ``limit``."""
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        if stat.S_ISREG(status.st_mode):
+            key = (status.st_dev, status.st_ino, mode)
+        else:
+            key = (-1, next(self._unshared), mode)
         shared = self._open.get(key)
         if shared is None:
             if len(self._open) >= self.limit:
@@ -145,11 +164,8 @@ class OpenFiles:
                     f"{len(self._open)} files that can shrink are mapped already, the most one "
                     "device keeps open; map memory that cannot shrink (a sealed memfd) instead",
                 )
-            _probe(fd, offset, readable=readable, writable=writable)
             shared = _OpenFile(os.dup(fd), key, self)
             self._open[key] = shared
-        elif writable:
-            _probe(shared.fd, offset, readable=readable, writable=writable)
         shared.users += 1
         return FileMemory(shared, offset, size)
 
@@ -157,28 +173,6 @@ class OpenFiles:
         """Drop ``shared`` (its last mapping is gone)."""
         if self._open.get(shared.key) is shared:
             del self._open[shared.key]
-
-
-def _probe(fd: int, offset: int, *, readable: bool, writable: bool) -> None:
-    """Zero-length reads and writes fail as real ones would: EINVAL where the file system has
-    no ``write`` (hugetlbfs), EBADF for the wrong access mode."""
-    try:
-        os.pread(fd, 0, offset)
-    except OSError as exc:
-        raise AccessError(
-            errno.EINVAL, f"fd {fd} can shrink and cannot be read with pread: {exc.strerror}"
-        ) from exc
-    if writable:
-        try:
-            os.pwrite(fd, b"", offset)
-        except OSError as exc:
-            raise AccessError(
-                errno.EINVAL,
-                f"fd {fd} can shrink (no F_SEAL_SHRINK) and cannot be written with pwrite "
-                f"({exc.strerror}; hugetlbfs files cannot): mapping it could kill the server "
-                "with SIGBUS; give memory that cannot shrink, e.g. a sealed memfd "
-                "(memory-backend-memfd,seal=on)",
-            ) from exc
 
 
 @final
@@ -191,6 +185,7 @@ class FileMemory:
 
     def __init__(self, shared: _OpenFile, offset: int, size: int) -> None:
         self._shared: _OpenFile | None = shared
+        self._regular = shared.regular
         self.offset = offset
         self.size = size
 
@@ -225,7 +220,7 @@ class FileMemory:
         try:
             # A pwrite past the end would grow the file: refuse instead, as a mapping would.
             # (A truncation racing this check leaves a hole, never a signal.)
-            if os.fstat(fd).st_size < position + len(data):
+            if self._regular and os.fstat(fd).st_size < position + len(data):
                 raise AccessError(
                     errno.EFAULT,
                     f"DMA write at file offset {position:#x}+{len(data):#x}: "

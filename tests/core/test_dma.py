@@ -440,11 +440,30 @@ def test_memory_that_can_shrink_and_cannot_be_written_is_refused(tmp_path: Path)
         os.close(fd)
 
 
+def test_fds_that_are_neither_memory_nor_files_are_refused_or_read_through() -> None:
+    space = DmaSpace()
+    reader, writer = os.pipe()
+    zero = os.open("/dev/zero", os.O_RDWR)
+    try:
+        with pytest.raises(AccessError, match="cannot be read with pread") as refused:
+            space.map_fd(0, 0x1000, reader)
+        assert refused.value.errno == errno.EINVAL and space.mappings == ()
+        # a character device that reads and writes is reached through its fd, never mapped
+        mapping = space.map_fd(0, 0x1000, zero)
+        assert mapping.file is not None and mapping.memory is None
+        space.write(0, b"gone")
+        assert space.read(0, 4) == bytes(4)
+    finally:
+        space.unmap_all()
+        for fd in (reader, writer, zero):
+            os.close(fd)
+
+
 def test_offsets_beyond_off_t_are_refused_with_einval() -> None:
     space = DmaSpace()
     zero = os.open("/dev/zero", os.O_RDWR)
     try:
-        for size, offset in ((0x1000, 1 << 63), (1 << 63, 0), (0x2000, (1 << 63) - 0x1000)):
+        for size, offset in ((0x1000, 1 << 63), (1 << 63, 0x1000), (0x2000, (1 << 63) - 0x1000)):
             with pytest.raises(AccessError) as refused:
                 space.map_fd(0, size, zero, offset)
             assert refused.value.errno == errno.EINVAL
