@@ -130,8 +130,6 @@ class DirtyLog:
         out = bytearray(-(-pages // 64) * 8)
         end = iova + length
         shift = self._shift
-        # log2 of report pages per logged page: > 0 coarser, < 0 finer.
-        scale = page_size.bit_length() - 1 - shift
         with self._lock:
             windows = [
                 (bitmap, max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length))
@@ -150,30 +148,35 @@ class DirtyLog:
                 clear_last = last - (bitmap.iova + ((last + 1) << shift) > end)
                 if clear_first <= clear_last:
                     bitmap.clear_pages(clear_first, clear_last)
-                if not window:
-                    continue
-                if scale == 0:
-                    _or_bits(out, (base - iova) >> shift, window, count)
-                elif scale > 0:
-                    offset = base - iova  # >= 0: both are logged-page aligned here
-                    lead = (offset % page_size) >> shift
-                    groups = -(-(lead + count) >> scale)
-                    _or_bits(out, offset // page_size, _coarsen(window << lead, scale), groups)
-                else:
-                    expanded = _expand(window, count, -scale)
-                    bits = count << -scale
-                    if base < iova:
-                        skip = (iova - base) // page_size
-                        expanded, bits, at = expanded >> skip, bits - skip, 0
-                    else:
-                        at = (base - iova) // page_size
-                    bits = min(bits, pages - at)
-                    _or_bits(out, at, expanded & ((1 << bits) - 1), bits)
+                if window:
+                    at, bits, many = _in_report_pages(window, count, base - iova, shift, page_size)
+                    _or_bits(out, at, bits, min(many, pages - at))
         return bytes(out)
 
 
+def _in_report_pages(
+    window: int, count: int, offset: int, shift: int, page_size: int
+) -> tuple[int, int, int]:
+    """``count`` logged pages of ``1 << shift`` bytes (``window``'s bits), the first at
+    ``offset`` bytes from the report's start (negative: before it), as report pages:
+    ``(first report page, bits, how many)``."""
+    scale = page_size.bit_length() - 1 - shift  # log2 of the ratio: > 0 coarser, < 0 finer
+    if scale == 0:
+        return offset >> shift, window, count
+    if scale > 0:  # offset >= 0 here: both the report and the logged range are page-aligned
+        lead = (offset % page_size) >> shift
+        return offset // page_size, _coarsen(window << lead, scale), -(-(lead + count) >> scale)
+    expanded, bits = _expand(window, count, -scale), count << -scale
+    if offset >= 0:
+        return offset // page_size, expanded, bits
+    skip = -offset // page_size  # report pages of the first logged page before the report
+    return 0, expanded >> skip, bits - skip
+
+
 def _or_bits(out: bytearray, at: int, value: int, count: int) -> None:
-    """OR the ``count`` bits of ``value`` into ``out`` from bit ``at``."""
+    """OR the low ``count`` bits of ``value`` into ``out`` from bit ``at`` (the others, of a
+    logged page running past the report, are dropped)."""
+    value &= (1 << count) - 1
     low = at >> 3
     size = ((at & 7) + count + 7) >> 3
     current = int.from_bytes(out[low : low + size], "little")
