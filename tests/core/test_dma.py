@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+import uuid
 from pathlib import Path
 from types import FrameType
 
@@ -355,7 +356,8 @@ def test_mapped_memory_holds_no_fd_and_files_one_each(tmp_path: Path) -> None:
     """A DMA space holds no fd for mapped memory and one per file reached through its fd,
     however many mappings there are (so ``max_dma_maps`` maps cannot exhaust RLIMIT_NOFILE)."""
     space = DmaSpace()
-    fd, memory = anonymous_memory(0x1000 * 300)
+    name = f"guest-{uuid.uuid4().hex}"
+    fd, memory = anonymous_memory(0x1000 * 300, name)
     file_fd = os.open(tmp_path / "guest-ram", os.O_RDWR | os.O_CREAT, 0o600)
     os.ftruncate(file_fd, 0x1000 * 300)
     opened = _open_fds()
@@ -367,6 +369,7 @@ def test_mapped_memory_holds_no_fd_and_files_one_each(tmp_path: Path) -> None:
         os.close(file_fd)
         assert _open_fds() == opened - 2 + 1  # the caller's two are closed; the file's one
         assert space.open_files == 1
+        assert _mapped_bytes(name) == 2 * 300 * 0x1000  # the test's mapping and the space's
         space.write(299 * 0x1000, b"sealed")
         space.write((1 << 32) + 299 * 0x1000, b"file")
         assert bytes(memory[299 * 0x1000 : 299 * 0x1000 + 6]) == b"sealed"
@@ -379,8 +382,22 @@ def test_mapped_memory_holds_no_fd_and_files_one_each(tmp_path: Path) -> None:
         assert space.open_files == 0
         memory[:6] = b"alive!"
         assert bytes(kept) == b"alive!", "a view outlives the mapping: unmapped with the last"
+        assert _mapped_bytes(name) == (300 + 1) * 0x1000
+        kept.release()
+        view.release()
+        assert _mapped_bytes(name) == 300 * 0x1000, "all of the space's memory is unmapped"
     finally:
         memory.close()
+
+
+def _mapped_bytes(name: str) -> int:
+    """Bytes of this process's address space that map memfd ``name``."""
+    total = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(f"/memfd:{name}") or line.endswith(f"/memfd:{name} (deleted)"):
+            low, high = line.split()[0].split("-")
+            total += int(high, 16) - int(low, 16)
+    return total
 
 
 def test_the_files_a_space_keeps_open_are_bounded() -> None:
