@@ -145,7 +145,7 @@ class DmaSpace:
                 return self._add_mapped(iova, size, fd, offset, readable, writable)
             problem = fd_access_problem(fd, offset, writable=writable)
             if problem is None:
-                file = self._files.memory(fd, status, offset, size)
+                file = self._files.memory(fd, status, offset)
                 return self._add_closing(DmaMapping(iova, size, readable, writable, file=file))
             if stat.S_ISCHR(status.st_mode):
                 # Device memory without read/write (/dev/dax) has no size to lose.

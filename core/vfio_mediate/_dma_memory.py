@@ -24,6 +24,7 @@ from ._errors import AccessError
 
 __all__ = [
     "MAX_OPEN_FILES",
+    "OFFSET_LIMIT",
     "FileMemory",
     "OpenFiles",
     "fd_access_problem",
@@ -147,10 +148,9 @@ class OpenFiles:
     def __len__(self) -> int:
         return len(self._open)
 
-    def memory(self, fd: int, status: os.stat_result, offset: int, size: int) -> FileMemory:
-        """``FileMemory`` for ``size`` bytes of ``fd`` from ``offset`` (checked readable and
-        writable as needed by ``fd_access_problem``); ``AccessError(ENOSPC)`` for a file past
-        the ``limit``."""
+    def memory(self, fd: int, status: os.stat_result, offset: int) -> FileMemory:
+        """``FileMemory`` of ``fd`` from ``offset`` (checked readable and writable as needed
+        by ``fd_access_problem``); ``AccessError(ENOSPC)`` for a file past the ``limit``."""
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
         if stat.S_ISREG(status.st_mode):
             key = (status.st_dev, status.st_ino, mode)
@@ -167,7 +167,7 @@ class OpenFiles:
             shared = _OpenFile(os.dup(fd), key, self)
             self._open[key] = shared
         shared.users += 1
-        return FileMemory(shared, offset, size)
+        return FileMemory(shared, offset)
 
     def forget(self, shared: _OpenFile) -> None:
         """Drop ``shared`` (its last mapping is gone)."""
@@ -177,17 +177,16 @@ class OpenFiles:
 
 @final
 class FileMemory:
-    """``size`` bytes of a file from ``offset``, read and written with ``pread``/``pwrite``.
+    """A file from ``offset`` on, read and written with ``pread``/``pwrite``.
 
     An access past the file's current end (a peer truncated it) raises ``AccessError(EFAULT)``;
     a write never extends the file. Callers serialize ``close`` with accesses.
     """
 
-    def __init__(self, shared: _OpenFile, offset: int, size: int) -> None:
+    def __init__(self, shared: _OpenFile, offset: int) -> None:
         self._shared: _OpenFile | None = shared
         self._regular = shared.regular
         self.offset = offset
-        self.size = size
 
     def _fd(self) -> int:
         if self._shared is None:
