@@ -162,8 +162,10 @@ class DmaSpace:
     ) -> DmaMapping:
         try:
             memory = map_shared(fd, size, offset, writable=writable)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
+        except OSError as exc:
+            # ENOMEM: out of address space or of mappings (vm.max_map_count), not a bad request
+            code = errno.ENOMEM if exc.errno == errno.ENOMEM else errno.EINVAL
+            raise AccessError(code, f"cannot map fd {fd} for DMA: {exc.strerror}") from exc
         return self._add_closing(DmaMapping(iova, size, readable, writable, memory=memory))
 
     def _add_closing(self, mapping: DmaMapping) -> DmaMapping:
