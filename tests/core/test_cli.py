@@ -95,7 +95,7 @@ def test_probe_a_spec_file_with_a_third_party_winner(
     assert "mediator vendor-first (vendor-first)" in text
 
 
-def test_probe_refuses_while_a_mediator_failed_to_load(
+def test_probe_and_migrate_demo_refuse_while_a_mediator_failed_to_load(
     tmp_path: Path, with_test_plugins: Path
 ) -> None:
     """The device may be the broken mediator's: "passthrough" would be a lie."""
@@ -109,6 +109,9 @@ def test_probe_refuses_while_a_mediator_failed_to_load(
         f"VFIO_MEDIATE_DISABLE={BROKEN}",
     )
     assert result.returncode == 1 and result.stdout == ""
+    demo = run("migrate-demo", "--memory", "1", env={"PYTHONPATH": str(with_test_plugins)})
+    assert_one_line_error(demo, "'broken-signature' (broken-signature 0.0.2)", f"={BROKEN}")
+    assert demo.stdout == "", "no migration without the mediators installed"
 
 
 def test_serve_refuses_while_a_mediator_failed_to_load(with_test_plugins: Path) -> None:
