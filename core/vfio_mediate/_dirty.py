@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import re
 import threading
@@ -97,6 +98,7 @@ class DirtyLog:
         self.ranges = spans
         self._shift = page_size.bit_length() - 1
         self._bitmaps = [DirtyBitmap(iova, length, page_size) for iova, length in spans]
+        self._starts = [iova for iova, _ in spans]
         self._lock = threading.Lock()
 
     def mark(self, iova: int, length: int) -> None:
@@ -105,13 +107,24 @@ class DirtyLog:
             return
         end = iova + length
         with self._lock:
-            for bitmap in self._bitmaps:
-                low = max(iova, bitmap.iova)
-                high = min(end, bitmap.iova + bitmap.length)
-                if low < high:
-                    bitmap.set_pages(
-                        (low - bitmap.iova) >> self._shift, (high - 1 - bitmap.iova) >> self._shift
-                    )
+            for bitmap, low, high in self._overlapping(iova, end):
+                bitmap.set_pages(
+                    (low - bitmap.iova) >> self._shift, (high - 1 - bitmap.iova) >> self._shift
+                )
+
+    def _overlapping(self, iova: int, end: int) -> list[tuple[DirtyBitmap, int, int]]:
+        """The logged ranges that ``[iova, end)`` touches and the part of it in each; found by
+        bisection, so a log of many ranges costs no more per call than one of a few."""
+        bitmaps = self._bitmaps
+        at = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        found = []
+        while at < len(bitmaps) and bitmaps[at].iova < end:
+            bitmap = bitmaps[at]
+            low, high = max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length)
+            if low < high:
+                found.append((bitmap, low, high))
+            at += 1
+        return found
 
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """Read and clear the log for ``[iova, iova + length)``: a bitmap of 64-bit words,
@@ -131,11 +144,7 @@ class DirtyLog:
         end = iova + length
         shift = self._shift
         with self._lock:
-            windows = [
-                (bitmap, max(iova, bitmap.iova), min(end, bitmap.iova + bitmap.length))
-                for bitmap in self._bitmaps
-                if max(iova, bitmap.iova) < min(end, bitmap.iova + bitmap.length)
-            ]
+            windows = self._overlapping(iova, end)
             if sum(high - low for _, low, high in windows) < length:
                 raise AccessError(errno.EINVAL, f"range {iova:#x}+{length:#x} is not all logged")
             for bitmap, low, high in windows:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import tracemalloc
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -209,8 +210,8 @@ def test_a_report_costs_its_range_not_the_whole_log() -> None:
     assert peak < 1 << 16, f"a one-page report allocated {peak} bytes"
 
 
-def _report_lines(log: DirtyLog, iova: int, length: int, page: int) -> tuple[bytes, int]:
-    """``log.report(...)`` and how many lines of the dirty log's module it ran."""
+def _dirty_lines(call: Callable[[], bytes | None]) -> tuple[bytes | None, int]:
+    """``call()`` and how many lines of the dirty log's module it ran."""
     lines = 0
 
     def tracer(frame: FrameType, event: str, arg: object) -> object:
@@ -222,10 +223,24 @@ def _report_lines(log: DirtyLog, iova: int, length: int, page: int) -> tuple[byt
 
     sys.settrace(tracer)
     try:
-        bitmap = log.report(iova, length, page)
+        result = call()
     finally:
         sys.settrace(None)
-    return bitmap, lines
+    return result, lines
+
+
+def test_marks_and_reports_cost_the_same_among_many_logged_ranges() -> None:
+    """A client that logs 20,000 ranges must not make every DMA mark of the device (and every
+    report) walk them all."""
+    few = DirtyLog(4096, [(n * 0x10000, 0x1000) for n in range(2)])
+    many = DirtyLog(4096, [(n * 0x10000, 0x1000) for n in range(20_000)])
+    costs = []
+    for log in (few, many):
+        _, marked = _dirty_lines(lambda log=log: log.mark(0x10000, 8))
+        bitmap, reported = _dirty_lines(lambda log=log: log.report(0x10000, 0x1000, 4096))
+        assert bitmap == (1).to_bytes(8, "little")
+        costs.append((marked, reported))
+    assert costs[1] == costs[0], f"lines run with 2 and with 20,000 ranges: {costs}"
 
 
 @pytest.mark.parametrize("page", [2 << 20, 1024])
@@ -238,7 +253,8 @@ def test_other_page_size_reports_do_no_work_per_dirty_page(page: int) -> None:
         log = DirtyLog(4096, [(0, size)])
         for n in range(dirty):
             log.mark(n * 4096, 1)
-        bitmap, lines = _report_lines(log, 0, size, page)
+        bitmap, lines = _dirty_lines(lambda log=log: log.report(0, size, page))
+        assert bitmap is not None
         runs.append(lines)
         everything = (1 << (size // page)) - 1
         first_page = (1 << max(1, 4096 // page)) - 1
