@@ -171,6 +171,7 @@ def test_verbosity_flags_work_after_the_command_too() -> None:
     [
         (("migrate-demo", "--memory", "0"), "argument --memory: must be at least 1, not 0"),
         (("migrate-demo", "--memory", "-5"), "argument --memory: must be at least 1, not -5"),
+        (("migrate-demo", "--memory", str(1 << 40)), "MiB is more than this machine's"),
         (("migrate-demo", "--rounds", "-1"), "argument --rounds: must be 0 or more, not -1"),
         (("migrate-demo", "--stop-pages", "x"), "argument --stop-pages: 'x' is not an integer"),
         (("probe", "--no-such-flag"), "unrecognized arguments: --no-such-flag"),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-__all__ = ["count", "positive"]
+__all__ = ["count", "memory_mib", "positive"]
 
 
 def _integer(text: str) -> int:
@@ -27,4 +28,13 @@ def count(text: str) -> int:
     value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def memory_mib(text: str) -> int:
+    """Mebibytes of memory to allocate: >= 1 and no more than the machine has."""
+    value = positive(text)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    if value > total:
+        raise argparse.ArgumentTypeError(f"{value} MiB is more than this machine's {total} MiB")
     return value

@@ -21,7 +21,7 @@ from .._dma import anonymous_memory
 from .._migrate import LiveMigration, MigrationProgress, MigrationReport, find_workload
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
-from ._arguments import count, positive
+from ._arguments import count, memory_mib
 from ._defaults import DEFAULT_DEVICE
 
 GUEST_IOVA = 0x1_0000_0000
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
         metavar="MODEL",
         help=f"a device model with a guest workload (default: {DEFAULT_DEVICE})",
     )
-    parser.add_argument("--memory", type=positive, default=16, metavar="MIB", help="guest memory")
+    parser.add_argument("--memory", type=memory_mib, default=16, metavar="MIB", help="guest memory")
     parser.add_argument("--rounds", type=count, default=8, help="most pre-copy rounds")
     parser.add_argument(
         "--stop-pages", type=count, default=64, metavar="N", help="stop when a round copies <= N"
