@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from .. import _registry
 from .._errors import VfioMediateError
+from .._registry import load_entry_point
 
 __all__ = ["main"]
 
@@ -54,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # Plugins that failed to load are the commands' own report (list's table, the refusal
-        # of serve and probe): not a warning before it as well.
-        logging.getLogger(_registry.__name__).setLevel(logging.ERROR)
+        # of serve and probe): not a warning before it as well. The loggers are those of the
+        # registry and of entry-point loading.
+        for name in {_registry.__name__, load_entry_point.__module__}:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         status: int = args.func(args)
     except (VfioMediateError, OSError) as exc:
