@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -64,7 +65,9 @@ class DmaMapping:
         """Drop the mapping's memory. Memory the space mapped is unmapped with the last view
         of it; a file's fd is closed with the file's last mapping."""
         if self.memory is not None:
-            self.memory.release()
+            # Still exported (a buffer taken from it): then the memory goes with that.
+            with contextlib.suppress(BufferError):
+                self.memory.release()
             self.memory = None
         if self.file is not None:
             self.file.close()
