@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import mmap
 import re
 import threading
 from collections.abc import Iterable
@@ -13,6 +14,10 @@ from ._errors import AccessError
 from .uapi import PAGE_SIZE
 
 __all__ = ["DirtyBitmap", "DirtyLog", "bitmap_pages"]
+
+
+_MAPPED_BITMAP = 1 << 20
+"""Bitmaps of this many bytes or more are anonymous mappings rather than bytearrays."""
 
 
 @final
@@ -26,7 +31,14 @@ class DirtyBitmap:
         self.length = length
         self.page_size = page_size
         self.pages = -(-length // page_size)
-        self.bits = bytearray(-(-self.pages // 8))
+        size = -(-self.pages // 8)
+        # A large bitmap is an anonymous mapping: zero pages that cost no time and no memory
+        # until marked (a bytearray would zero, say, 64 MiB for 2 TiB of IOVA at every start).
+        self.bits: bytearray | mmap.mmap = (
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            if size >= _MAPPED_BITMAP
+            else bytearray(size)
+        )
 
     def set_pages(self, first: int, last: int) -> None:
         """Set the bits of pages ``first`` to ``last`` inclusive (bulk, not per bit)."""

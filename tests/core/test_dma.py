@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vfio_mediate import AccessError, DirtyLog, DmaSpace, anonymous_memory, bitmap_pages
+from vfio_mediate import AccessError, DirtyLog, DmaSpace, _dirty, anonymous_memory, bitmap_pages
 from vfio_mediate._dma_memory import MAX_OPEN_FILES
 
 
@@ -155,6 +155,7 @@ def test_dirty_log_matches_a_page_set_model(
     ),
     start=st.integers(0, 0x7FFFF),
     length=st.integers(1, 0x80000),
+    mapped=st.booleans(),
 )
 def test_reports_at_any_page_size_match_a_page_set_model(
     log_shift: int,
@@ -162,13 +163,20 @@ def test_reports_at_any_page_size_match_a_page_set_model(
     writes: list[tuple[int, int]],
     start: int,
     length: int,
+    mapped: bool,
 ) -> None:
     """Coarser and finer report pages, ranges across two logged ranges and partly covered
-    logged pages (reported, kept): bulk conversions agree with a set of logged pages."""
+    logged pages (reported, kept), bitmaps in a bytearray or an anonymous mapping (the large
+    ones): bulk conversions agree with a set of logged pages."""
     log_page, page = 1 << log_shift, 1 << report_shift
     size = 0x80000
     split = 0x3C000  # not aligned to every report page: a range starts inside one
-    log = DirtyLog(log_page, [(0, split), (split, size - split)])
+    threshold = _dirty._MAPPED_BITMAP
+    _dirty._MAPPED_BITMAP = 0 if mapped else threshold
+    try:
+        log = DirtyLog(log_page, [(0, split), (split, size - split)])
+    finally:
+        _dirty._MAPPED_BITMAP = threshold
     model: set[int] = set()
     for iova, count in writes:
         log.mark(iova, count)
@@ -196,11 +204,14 @@ def test_reports_at_any_page_size_match_a_page_set_model(
 
 def test_a_report_costs_its_range_not_the_whole_log() -> None:
     """After logging 2 TiB, a one-page report must not convert the 64 MiB bitmap (which held
-    the server's loop for 0.1-0.4 s per report): it allocates a few bytes, not megabytes."""
-    log = DirtyLog(4096, [(0, 2 << 40)])
-    log.mark((1 << 40) + 5, 1)
+    the server's loop for 0.1-0.4 s per report): it allocates a few bytes, not megabytes. Nor
+    does starting the log zero 64 MiB (0.2 s of the loop, at every start)."""
     tracemalloc.start()
     try:
+        log = DirtyLog(4096, [(0, 2 << 40)])
+        _, started = tracemalloc.get_traced_memory()
+        log.mark((1 << 40) + 5, 1)
+        log.mark((2 << 40) - 1, 1)
         tracemalloc.reset_peak()
         bitmap = log.report(1 << 40, 4096, 4096)
         _, peak = tracemalloc.get_traced_memory()
@@ -208,6 +219,10 @@ def test_a_report_costs_its_range_not_the_whole_log() -> None:
         tracemalloc.stop()
     assert bitmap == (1).to_bytes(8, "little")
     assert peak < 1 << 16, f"a one-page report allocated {peak} bytes"
+    assert started < 1 << 16, f"starting to log 2 TiB allocated {started} bytes"
+    last = log.report((2 << 40) - (2 << 20), 2 << 20, 2 << 20)  # the last page, coarser
+    assert last == (1).to_bytes(8, "little")
+    assert log.report(0, 2 << 40, 1 << 40) == bytes(8), "reported pages are cleared"
 
 
 def _dirty_lines(call: Callable[[], bytes | None]) -> tuple[bytes | None, int]:
