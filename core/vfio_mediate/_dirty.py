@@ -66,8 +66,10 @@ class DirtyBitmap:
     def window(self, first: int, count: int) -> int:
         """The bits of pages ``first`` to ``first + count - 1`` (bit 0: page ``first``)."""
         low = first >> 3
-        chunk = int.from_bytes(self.bits[low : (first + count + 7) >> 3], "little")
-        return (chunk >> (first & 7)) & ((1 << count) - 1)
+        data = self.bits[low : (first + count + 7) >> 3]
+        if data.count(0) == len(data):  # a clean stretch: a scan, no integer
+            return 0
+        return (int.from_bytes(data, "little") >> (first & 7)) & ((1 << count) - 1)
 
 
 def bitmap_pages(bitmap: bytes) -> list[int]:
@@ -154,25 +156,52 @@ class DirtyLog:
         pages = -(-length // page_size)
         out = bytearray(-(-pages // 64) * 8)
         end = iova + length
-        shift = self._shift
         with self._lock:
             windows = self._overlapping(iova, end)
             if sum(high - low for _, low, high in windows) < length:
                 raise AccessError(errno.EINVAL, f"range {iova:#x}+{length:#x} is not all logged")
+            # In pieces of about _PIECE_PAGES logged pages, cut at multiples of ``step`` (whole
+            # logged pages, so none is split): each piece's integers stay small, and a clean
+            # piece costs a scan of its bytes, not a conversion.
+            step = max(page_size, self.page_size * _PIECE_PAGES)
             for bitmap, low, high in windows:
-                first = (low - bitmap.iova) >> shift
-                last = (high - 1 - bitmap.iova) >> shift
-                count = last - first + 1
-                window = bitmap.window(first, count)
-                base = bitmap.iova + (first << shift)
-                clear_first = first + (base < iova)
-                clear_last = last - (bitmap.iova + ((last + 1) << shift) > end)
-                if clear_first <= clear_last:
-                    bitmap.clear_pages(clear_first, clear_last)
-                if window:
-                    at, bits, many = _in_report_pages(window, count, base - iova, shift, page_size)
-                    _or_bits(out, at, bits, min(many, pages - at))
+                while low < high:
+                    cut = min(high, (low // step + 1) * step)
+                    self._report_piece(bitmap, low, cut, iova, end, page_size, out, pages)
+                    low = cut
         return bytes(out)
+
+    def _report_piece(
+        self,
+        bitmap: DirtyBitmap,
+        low: int,
+        high: int,
+        iova: int,
+        end: int,
+        page_size: int,
+        out: bytearray,
+        pages: int,
+    ) -> None:
+        """Report and clear ``[low, high)`` of ``bitmap`` into ``out``, the report of
+        ``[iova, end)`` at ``page_size``."""
+        shift = self._shift
+        first = (low - bitmap.iova) >> shift
+        last = (high - 1 - bitmap.iova) >> shift
+        count = last - first + 1
+        window = bitmap.window(first, count)
+        if not window:
+            return
+        base = bitmap.iova + (first << shift)
+        clear_first = first + (base < iova)
+        clear_last = last - (bitmap.iova + ((last + 1) << shift) > end)
+        if clear_first <= clear_last:
+            bitmap.clear_pages(clear_first, clear_last)
+        at, bits, many = _in_report_pages(window, count, base - iova, shift, page_size)
+        _or_bits(out, at, bits, min(many, pages - at))
+
+
+_PIECE_PAGES = 1 << 20
+"""Logged pages a report converts at a time (128 KiB of bitmap)."""
 
 
 def _in_report_pages(

@@ -156,6 +156,7 @@ def test_dirty_log_matches_a_page_set_model(
     start=st.integers(0, 0x7FFFF),
     length=st.integers(1, 0x80000),
     mapped=st.booleans(),
+    piece=st.sampled_from([1, 3, 8, 1 << 20]),
 )
 def test_reports_at_any_page_size_match_a_page_set_model(
     log_shift: int,
@@ -164,10 +165,12 @@ def test_reports_at_any_page_size_match_a_page_set_model(
     start: int,
     length: int,
     mapped: bool,
+    piece: int,
 ) -> None:
     """Coarser and finer report pages, ranges across two logged ranges and partly covered
     logged pages (reported, kept), bitmaps in a bytearray or an anonymous mapping (the large
-    ones): bulk conversions agree with a set of logged pages."""
+    ones), reports converted in pieces of any size: bulk conversions agree with a set of
+    logged pages."""
     log_page, page = 1 << log_shift, 1 << report_shift
     size = 0x80000
     split = 0x3C000  # not aligned to every report page: a range starts inside one
@@ -188,7 +191,12 @@ def test_reports_at_any_page_size_match_a_page_set_model(
     iova = start - start % page
     length = min(length, size - iova)
     end = iova + length
-    bitmap = log.report(iova, length, page)
+    pieces = _dirty._PIECE_PAGES
+    _dirty._PIECE_PAGES = piece
+    try:
+        bitmap = log.report(iova, length, page)
+    finally:
+        _dirty._PIECE_PAGES = pieces
     pages = -(-length // page)
     assert len(bitmap) == -(-pages // 64) * 8
     reported = int.from_bytes(bitmap, "little")
