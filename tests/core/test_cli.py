@@ -175,6 +175,7 @@ def test_verbosity_flags_work_after_the_command_too() -> None:
         (("migrate-demo", "--rounds", "-1"), "argument --rounds: must be 0 or more, not -1"),
         (("migrate-demo", "--stop-pages", "x"), "argument --stop-pages: 'x' is not an integer"),
         (("probe", "--no-such-flag"), "unrecognized arguments: --no-such-flag"),
+        (("check",), "the following arguments are required: NAME (see"),
     ],
 )
 def test_usage_mistakes_are_one_line(args: tuple[str, ...], message: str) -> None:
