@@ -19,7 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vfio_mediate import AccessError, DirtyLog, DmaSpace, _dirty, anonymous_memory, bitmap_pages
+from vfio_mediate import AccessError, DirtyLog, DmaSpace, _dirty, anonymous_memory
+from vfio_mediate._dirty import bitmap_pages
 from vfio_mediate._dma_memory import MAX_OPEN_FILES
 
 
