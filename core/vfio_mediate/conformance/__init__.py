@@ -23,6 +23,7 @@ from ._capabilities import Capabilities, Profile
 from ._mediator import HookCall, HookRecorder, Implementation, MediatorUnderTest
 from ._plugin import (
     pytest_addoption,
+    pytest_collection_finish,
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_ignore_collect,
@@ -40,6 +41,7 @@ __all__ = [
     "Profile",
     "Target",
     "pytest_addoption",
+    "pytest_collection_finish",
     "pytest_collection_modifyitems",
     "pytest_configure",
     "pytest_ignore_collect",

@@ -11,14 +11,20 @@ import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
+from .._errors import ContractViolation, PluginLoadError
+
 __all__ = [
     "DIRTY_LOGGING_PROPERTY",
+    "LOADED",
     "MEDIATOR_NAME",
     "ConformanceModule",
+    "LoadFailure",
     "pytest_addoption",
+    "pytest_collection_finish",
     "pytest_collection_modifyitems",
     "pytest_configure",
     "pytest_ignore_collect",
@@ -29,6 +35,10 @@ __all__ = [
 SUITE = "vfio_mediate.conformance._suite"
 MEDIATOR_NAME = pytest.StashKey[str]()
 """Stashed on each suite module node: the entry-point name of the mediator it checks."""
+LOADED = pytest.StashKey[Any]()
+"""Stashed on each suite module node: the ``MediatorUnderTest``, loaded at collection."""
+LEDGER = pytest.StashKey[Any]()
+"""Stashed on each suite module node: its ``Ledger`` (where each broken rule is reported)."""
 DIRTY_LOGGING_PROPERTY = "dirty-logging"
 """The user property (``TestReport.user_properties``, a JUnit XML property) in which the
 dirty-logging check records, per target, what it measured under traffic: pages written and
@@ -125,17 +135,48 @@ def pytest_collection_modifyitems(
     names = _mediators(config)
     if not names:
         return
+    from ._mediator import MediatorUnderTest
+    from ._verdict import Ledger, core_message, tagged
+
     spec = importlib.util.find_spec(SUITE)
     assert spec is not None and spec.origin is not None
     for name in names:
+        node = f"conformance[{name}]"
+        try:
+            loaded = MediatorUnderTest.load(name)
+        except ContractViolation as exc:
+            why = tagged(exc.rule, f"{exc.plugin}: cannot be loaded: {core_message(exc)}")
+            items.append(
+                LoadFailure.from_parent(session, name="load", nodeid=f"{node}::load", why=why)
+            )
+            continue
+        except (LookupError, PluginLoadError) as exc:
+            why = f"mediator {name!r} cannot be loaded: {exc}"
+            items.append(
+                LoadFailure.from_parent(session, name="load", nodeid=f"{node}::load", why=why)
+            )
+            continue
         module = ConformanceModule.from_parent(
-            session,
-            path=Path(spec.origin),
-            name=f"conformance[{name}]",
-            nodeid=f"conformance[{name}]",
+            session, path=Path(spec.origin), name=node, nodeid=node
         )
         module.stash[MEDIATOR_NAME] = name
+        module.stash[LOADED] = loaded
+        module.stash[LEDGER] = Ledger(loaded.describe())
         items.extend(session.genitems(module))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Count, per mediator, the tests of each rule that will run (after ``-k`` and ``-m``):
+    a broken rule is reported by the last of them to run (``Ledger``)."""
+    from ._verdict import rules_of
+
+    tests: dict[ConformanceModule, list[Any]] = {}
+    for item in session.items:
+        module = item.getparent(ConformanceModule)
+        if module is not None and isinstance(item, pytest.Function):
+            tests.setdefault(module, []).append(item.function)
+    for module, functions in tests.items():
+        module.stash[LEDGER].selected.update(rules_of(functions))
 
 
 class ConformanceModule(pytest.Module):
@@ -145,3 +186,20 @@ class ConformanceModule(pytest.Module):
         # The suite is a module of this package, already importable: import it as such rather
         # than by path, whatever the project's import mode is.
         return importlib.import_module(SUITE)
+
+
+class LoadFailure(pytest.Item):
+    """The one test of a mediator that cannot be loaded: it fails, saying why, and nothing else
+    of the suite runs for it."""
+
+    def __init__(self, *, why: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.why = why
+
+    def runtest(self) -> None:
+        """Fail with the reason."""
+        pytest.fail(self.why, pytrace=False)
+
+    def reportinfo(self) -> tuple[Path | str, int | None, str]:
+        """Where the failure is: the mediator, not a file."""
+        return self.name, None, self.name
