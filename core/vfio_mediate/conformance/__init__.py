@@ -28,6 +28,7 @@ from ._plugin import (
     pytest_configure,
     pytest_ignore_collect,
     pytest_report_header,
+    pytest_runtest_makereport,
     pytest_terminal_summary,
 )
 from ._targets import Target
@@ -46,5 +47,6 @@ __all__ = [
     "pytest_configure",
     "pytest_ignore_collect",
     "pytest_report_header",
+    "pytest_runtest_makereport",
     "pytest_terminal_summary",
 ]

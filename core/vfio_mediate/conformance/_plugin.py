@@ -29,6 +29,7 @@ __all__ = [
     "pytest_configure",
     "pytest_ignore_collect",
     "pytest_report_header",
+    "pytest_runtest_makereport",
     "pytest_terminal_summary",
 ]
 
@@ -163,6 +164,18 @@ def pytest_collection_modifyitems(
         module.stash[LOADED] = loaded
         module.stash[LEDGER] = Ledger(loaded.describe())
         items.extend(session.genitems(module))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failure of the suite is its message: the core's logs of the same fault (with the
+    plugin's traceback, which the message shows already) are left out of the report."""
+    report = yield
+    if report.failed and item.getparent(ConformanceModule) is not None:
+        report.sections = [
+            (title, text) for title, text in report.sections if not title.startswith("Captured log")
+        ]
+    return report
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
