@@ -8,13 +8,14 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, final
+from typing import Any, cast, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._dirty import DirtyLog
 from ._dma import DmaSpace
 from ._dma_view import DmaView
 from ._errors import AccessError, ContractViolation, DeviceStateError, MigrationError
+from ._hook_types import Device, DirtyPageLog, RegionInfoData
 from ._migration import SAVING_ARCS, migration_path
 from ._registry import MediatorRegistry, PluginRecord
 from ._rules import HOOK_RULES, Rule
@@ -74,9 +75,9 @@ class MediatorDevice:
         self.model: Any = backend.model
         self._backend = backend
 
-    def region_info(self, index: int) -> dict[str, Any]:
+    def region_info(self, index: int) -> RegionInfoData:
         """The device's own info of region ``index``, as plain data."""
-        return self._backend.region_info(index).to_plain()
+        return cast(RegionInfoData, self._backend.region_info(index).to_plain())
 
     def __repr__(self) -> str:
         return f"<MediatorDevice {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
@@ -208,7 +209,7 @@ class MediatedDevice:
         return self._handle
 
     def _attach(self) -> None:
-        view = MediatorDevice(self.backend)
+        view: Device = MediatorDevice(self.backend)  # the contract's type, checked here
         claim = self.registry.claim(view, self)
         if claim is not None:
             self._record, self._handle = claim
@@ -680,7 +681,8 @@ class MediatedDevice:
             if self._log is not None:
                 raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
             log = DirtyLog(page_size, ranges)
-            self._call_strict("mediator_dma_logging_start", log)
+            handed: DirtyPageLog = log  # what the contract promises, checked here
+            self._call_strict("mediator_dma_logging_start", handed)
             self._log = log
             return log
 

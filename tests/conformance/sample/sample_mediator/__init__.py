@@ -45,7 +45,7 @@ class SampleHandle:
         self.log: Any = None
         # A saved state names the device it came from: another model's does not load.
         identity = device.vendor_id.to_bytes(2, "little") + device.device_id.to_bytes(2, "little")
-        self.state_header = STATE_MAGIC + identity
+        self.state_header: bytes = STATE_MAGIC + identity
 
 
 class SampleMediator:
