@@ -289,7 +289,8 @@ class MediatedDevice:
         if answer is None:
             return own
         flags = answer.get("flags") if isinstance(answer, dict) else None
-        if isinstance(flags, int) and flags & ~int(own.flags):
+        known = int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP)
+        if isinstance(flags, int) and not flags & ~known and flags & ~int(own.flags):
             # Before validating the rest: an added flag is the fault, whatever else it breaks.
             raise self._violation(
                 Rule.REGION_INFO_VALID,

@@ -243,7 +243,7 @@ def mediator_dma_logging_report(handle: Any, log: DirtyPageLog, iova: int, lengt
     """Called just before the core reads and clears ``log`` for ``[iova, iova + length)``.
 
     Mark here what must be reported but is not marked on the way (e.g. pages a device may write
-    at any moment, such as descriptor rings of enabled queues).
+    at any moment, such as descriptor rings of enabled queues) (``dirty-logging``).
     """
 
 
