@@ -8,15 +8,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from suite_runs import SAMPLE, VARIANTS, SuiteRun
 
 
-def test_a_mediator_typed_by_the_contracts_protocols_passes(
-    suite_on: Callable[..., SuiteRun],
+@pytest.mark.parametrize(
+    "name",
+    [
+        # Importing the protocols under TYPE_CHECKING is no import of the core at run time.
+        "sample-typed",
+        # A shadow of registers in the handle, which the device may change under.
+        "sample-handle-shadow",
+    ],
+)
+def test_a_mediator_that_keeps_every_rule_its_own_way_passes(
+    suite_on: Callable[..., SuiteRun], name: str
 ) -> None:
-    """Importing the protocols under ``TYPE_CHECKING`` is no import of the core at run time."""
-    run = suite_on("sample-typed")
-    outcomes = run.of("sample-typed")
+    run = suite_on("sample-typed", "sample-handle-shadow")
+    outcomes = run.of(name)
     assert outcomes, run.output[-3000:]
     assert {outcome.kind for outcome in outcomes.values()} == {"passed"}, outcomes
 
