@@ -48,6 +48,7 @@ from ._registry import (
 )
 from ._rules import Rule
 from ._spec import BarSpec, DeviceSpec, MsixSpec, load_spec
+from ._vfio import VfioContainer, VfioDeviceError, VfioPciDevice, is_pci_address
 
 __all__ = [
     "ARCS",
@@ -96,7 +97,10 @@ __all__ = [
     "RemoteMemory",
     "Rule",
     "Trigger",
+    "VfioContainer",
+    "VfioDeviceError",
     "VfioMediateError",
+    "VfioPciDevice",
     "Workload",
     "anonymous_memory",
     "bitmap_pages",
@@ -104,6 +108,7 @@ __all__ = [
     "create_from_model",
     "discover_device_models",
     "find_workload",
+    "is_pci_address",
     "load_spec",
     "migration_path",
     "next_step",

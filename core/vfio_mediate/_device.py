@@ -12,7 +12,7 @@ from typing import Any, cast, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._dirty import DirtyLog
-from ._dma import DmaSpace
+from ._dma import DmaMapping, DmaSpace
 from ._dma_view import DmaView
 from ._errors import AccessError, ContractViolation, DeviceStateError, MigrationError
 from ._hook_types import Device, DirtyPageLog, RegionInfoData
@@ -231,7 +231,13 @@ class MediatedDevice:
         self._infos = {}
         self._stream = None
         if self._log is not None:
-            self._call_quietly("mediator_dma_logging_stop")
+            if self.dma_logging_source == "mediator":
+                self._call_quietly("mediator_dma_logging_stop")
+            else:
+                try:
+                    self.backend.dirty_stop()  # type: ignore[attr-defined]
+                except OSError as exc:
+                    logger.warning("%s: stopping IOMMU dirty tracking: %s", self.name, exc)
             self._log = None
         self._record, self._handle, self._hooks = None, None, {}
         if record is not None:
@@ -537,8 +543,78 @@ class MediatedDevice:
         return self.backend.irq_info(index)
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
-        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        self.backend.set_irq_triggers(index, start, triggers)
+        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward.
+
+        For a backend with ``direct_irqs`` (a device bound to vfio-pci), a trigger with a
+        ``fileno()`` (the client's eventfd) goes to the backend as that eventfd, so the kernel
+        signals it; a vector the mediator observes (``mediator_irq_observe``) gets a relay
+        instead, which calls ``mediator_irq`` and then the trigger.
+        """
+        if not getattr(self.backend, "direct_irqs", False):
+            self.backend.set_irq_triggers(index, start, triggers)
+            return
+        observed = self._observed_vectors(index)
+        if all(t is None or hasattr(t, "fileno") for t in triggers) and not observed.intersection(
+            range(start, start + len(triggers))
+        ):
+            fds = [-1 if t is None else t.fileno() for t in triggers]  # type: ignore[attr-defined]
+            self.backend.set_irq_eventfds(index, start, fds)
+            return
+        self.backend.set_irq_triggers(
+            index,
+            start,
+            [
+                self._observer(index, vector, t) if t is not None and vector in observed else t
+                for vector, t in enumerate(triggers, start)
+            ],
+        )
+
+    def _observed_vectors(self, index: int) -> frozenset[int]:
+        with self._lock:
+            if "mediator_irq_observe" not in self._hooks or not self._opens:
+                return frozenset()
+            answer = self._call_strict("mediator_irq_observe", index)
+        if answer is None:
+            return frozenset()
+        try:
+            return frozenset(int(v) for v in answer)
+        except (TypeError, ValueError):
+            raise self._violation(
+                Rule.ACCESS_ERRORS, f"mediator_irq_observe returned {answer!r}"
+            ) from None
+
+    def _observer(self, index: int, vector: int, trigger: Trigger) -> Trigger:
+        hook, handle = self._hooks.get("mediator_irq"), self._handle
+
+        def observed() -> None:
+            if hook is not None:
+                try:
+                    if hook(handle, index, vector) is False:
+                        return
+                except Exception:
+                    logger.exception("%s: mediator_irq raised", self.name)
+            trigger()
+
+        return observed
+
+    # -- DMA: the backend owns it (a real device maps into its IOMMU) --------------------
+
+    def dma_map(
+        self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device client memory (the caller keeps ``fd``); see ``DeviceBackend``."""
+        return self.backend.dma_map(iova, size, fd, offset, readable=readable, writable=writable)
+
+    def dma_map_remote(
+        self, iova: int, size: int, remote: Any, *, readable: bool = True, writable: bool = True
+    ) -> DmaMapping:
+        """Give the device memory reached by messages (a real device refuses: ``ENOTSUP``)."""
+        return self.backend.dma_map_remote(iova, size, remote, readable=readable, writable=writable)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Take back a mapping (for a real device: out of the IOMMU first)."""
+        self.backend.dma_unmap(iova, size)
 
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index``."""
@@ -677,13 +753,17 @@ class MediatedDevice:
         """Start logging DMA writes of ``ranges`` at ``page_size`` granularity."""
         with self._lock:
             self._require_open()
-            if self._hooks.get("mediator_dma_logging_start") is None:
+            source = self.dma_logging_source
+            if source is None:
                 raise AccessError(errno.ENOTTY, f"{self.name} cannot log dirty pages")
             if self._log is not None:
                 raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
             log = DirtyLog(page_size, ranges)
-            handed: DirtyPageLog = log  # what the contract promises, checked here
-            self._call_strict("mediator_dma_logging_start", handed)
+            if source == "mediator":
+                handed: DirtyPageLog = log  # what the contract promises, checked here
+                self._call_strict("mediator_dma_logging_start", handed)
+            else:
+                self.backend.dirty_start()  # type: ignore[attr-defined]
             self._log = log
             return log
 
@@ -693,7 +773,14 @@ class MediatedDevice:
             log = self._log
             if log is None:
                 raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
-            self._call_strict("mediator_dma_logging_report", log, iova, length)
+            if self.dma_logging_source == "mediator":
+                self._call_strict("mediator_dma_logging_report", log, iova, length)
+            else:
+                # type1 reports per mapping: every pinned page, an honest over-report
+                for start, dirty in self.backend.dirty_report(iova, length):  # type: ignore[attr-defined]
+                    for page in range(len(dirty) * 8):
+                        if dirty[page // 8] >> (page % 8) & 1:
+                            log.mark(start + page * PAGE_SIZE, PAGE_SIZE)
             return log.report(iova, length, page_size)
 
     def dma_logging_stop(self) -> None:
@@ -702,12 +789,26 @@ class MediatedDevice:
             if self._log is None:
                 raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
             self._log = None
-            self._call_strict("mediator_dma_logging_stop")
+            if self.dma_logging_source == "mediator":
+                self._call_strict("mediator_dma_logging_stop")
+            else:
+                self.backend.dirty_stop()  # type: ignore[attr-defined]
+
+    @property
+    def dma_logging_source(self) -> str | None:
+        """Who logs dirty pages: ``"mediator"`` (its ``mediator_dma_logging_*`` hooks),
+        ``"iommu"`` (a device bound to vfio-pci without them: type1's container dirty tracking,
+        which reports every pinned page), or ``None``."""
+        if self._hooks.get("mediator_dma_logging_start") is not None:
+            return "mediator"
+        if self._opens and getattr(self.backend, "iommu_dirty_tracking", False):
+            return "iommu"
+        return None
 
     @property
     def dma_logging_supported(self) -> bool:
-        """Whether the winning mediator can log dirty pages (``mediator_dma_logging_start``)."""
-        return self._hooks.get("mediator_dma_logging_start") is not None
+        """Whether dirty pages can be logged (by the mediator or the IOMMU)."""
+        return self.dma_logging_source is not None
 
     @property
     def dma_logging(self) -> bool:

@@ -60,6 +60,8 @@ HOOK_RULES: MappingProxyType[str, Rule] = MappingProxyType(
         "mediator_rw": Rule.ACCESS_ERRORS,
         "mediator_mmap": Rule.MMAP_RESULT,
         "mediator_reset": Rule.ACCESS_ERRORS,
+        "mediator_irq_observe": Rule.ACCESS_ERRORS,
+        "mediator_irq": Rule.ACCESS_ERRORS,
         "mediator_migration_flags": Rule.MIGRATION,
         "mediator_set_state": Rule.MIGRATION,
         "mediator_load_state": Rule.MIGRATION,

@@ -35,7 +35,8 @@ Lifecycle of a device:
 
 Threads: the hooks of one device are called one at a time, except ``mediator_rw``, which runs
 for every access a client makes, takes no lock, and may run from several threads at once and
-while any other hook of the same device runs (not across ``mediator_release``). Hooks of
+while any other hook of the same device runs (not across ``mediator_release``), and
+``mediator_irq``, which runs on an interrupt relay thread. Hooks of
 different devices run at the same time in different threads: per-device state lives in the
 handle, and whatever handles share needs a lock. Thread-safe, to call from any thread (a device
 model's too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
@@ -190,6 +191,28 @@ def mediator_reset(handle: Any) -> None:
 
     Forget per-reset state (e.g. trapped register shadows); the handle stays claimed. Refuse
     with ``OSError`` and an errno (``access-errors``).
+    """
+
+
+@hookspec
+def mediator_irq_observe(handle: Any, index: int) -> Any:
+    """Return the vectors of IRQ index ``index`` (INTX 0, MSI 1, MSIX 2, ...) whose interrupts
+    this mediator must see (an iterable of ints), or ``None`` for none.
+
+    Asked whenever a client routes vectors of ``index``. A vector not returned goes straight
+    from the device to the client's eventfd (for a device bound to vfio-pci the kernel signals
+    it and no Python runs); an observed one is relayed: each interrupt calls ``mediator_irq``
+    first, then reaches the client. Refuse with ``OSError`` and an errno; any other exception,
+    or a result that is not vector numbers, breaks ``access-errors``.
+    """
+
+
+@hookspec
+def mediator_irq(handle: Any, index: int, vector: int) -> Any:
+    """An observed vector fired (see ``mediator_irq_observe``). Return ``False`` to swallow the
+    interrupt (the client does not see it); anything else forwards it. Keep it short: it runs
+    on the relay thread, once per interrupt, concurrently with the device's other hooks. An
+    exception is logged and the interrupt forwarded (``access-errors``).
     """
 
 
