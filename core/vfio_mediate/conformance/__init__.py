@@ -31,6 +31,7 @@ from ._plugin import (
     pytest_ignore_collect,
     pytest_report_header,
     pytest_runtest_makereport,
+    pytest_sessionfinish,
     pytest_terminal_summary,
 )
 from ._targets import Target
@@ -50,5 +51,6 @@ __all__ = [
     "pytest_ignore_collect",
     "pytest_report_header",
     "pytest_runtest_makereport",
+    "pytest_sessionfinish",
     "pytest_terminal_summary",
 ]

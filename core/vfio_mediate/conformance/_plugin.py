@@ -30,6 +30,7 @@ __all__ = [
     "pytest_ignore_collect",
     "pytest_report_header",
     "pytest_runtest_makereport",
+    "pytest_sessionfinish",
     "pytest_terminal_summary",
 ]
 
@@ -103,8 +104,32 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return f"vfio-mediate conformance: {'; '.join(described)}"
 
 
+UNREPORTED = pytest.StashKey[list[str]]()
+"""Stashed on the config: broken rules no test reported (see ``pytest_sessionfinish``)."""
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A rule the tests of other rules met, and whose own tests never ran to the end (a fixture
+    of theirs failed), is reported here: the run fails and the summary names it."""
+    ledgers = {
+        id(module): module.stash[LEDGER]
+        for item in session.items
+        if (module := item.getparent(ConformanceModule)) is not None
+    }
+    unreported = [message for ledger in ledgers.values() for message in ledger.pending.values()]
+    if unreported:
+        session.config.stash[UNREPORTED] = unreported
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Show what the suite measured (``DIRTY_LOGGING_PROPERTY``), whatever the verdicts."""
+    """Show what the suite measured (``DIRTY_LOGGING_PROPERTY``), whatever the verdicts, and
+    any broken rule no test reported."""
+    unreported = terminalreporter.config.stash.get(UNREPORTED, [])
+    if unreported:
+        terminalreporter.section("vfio-mediate conformance: broken rules no test reported")
+        for message in unreported:
+            terminalreporter.write_line(message)
     measured = [
         (report.nodeid, value)
         for reports in terminalreporter.stats.values()
