@@ -149,6 +149,7 @@ def test_terminal_output_names_the_rule(broken_run: SuiteRun) -> None:
         "quiet-" in broken_run.output
     )
     assert "Traceback" not in broken_run.output
+    assert "During handling of the above exception" not in broken_run.output
 
 
 def test_migration_failures_show_the_steps_that_reproduce_them(broken_run: SuiteRun) -> None:

@@ -107,22 +107,21 @@ class Ledger:
         """Around one test of ``rule``: when it is the last of that rule to run, it also
         reports what tests of other rules met of it (whatever its own outcome)."""
         self.test, self.rule = test, rule
+        own: list[str] = []
         try:
             yield
         except (pytest.fail.Exception, pytest.skip.Exception) as outcome:
             due = self._due(rule)
-            if due:
-                failed = isinstance(outcome, pytest.fail.Exception)
-                pytest.fail(
-                    "\n".join([*([str(outcome.msg)] if failed else []), *due]), pytrace=False
-                )
-            raise
+            if not due:
+                raise
+            if isinstance(outcome, pytest.fail.Exception):
+                own.append(str(outcome.msg))
         else:
             due = self._due(rule)
-            if due:
-                pytest.fail("\n".join(due), pytrace=False)
         finally:
             self.test, self.rule = "", None
+        if due:  # raised here, not while handling the test's outcome: one message, no chain
+            pytest.fail("\n".join([*own, *due]), pytrace=False)
 
     def _due(self, rule: str) -> list[str]:
         self.selected[rule] = self.selected.get(rule, 1) - 1
@@ -189,12 +188,13 @@ def checks(rule: Rule) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return test(*args, **kwargs)
             except ContractViolation as exc:
-                fail(Rule(exc.rule), core_message(exc), plugin_frames(exc.__cause__))
+                found = (Rule(exc.rule), core_message(exc), plugin_frames(exc.__cause__))
             except RuleFailure as exc:
-                notes = "\n".join(getattr(exc, "__notes__", ()))
-                fail(Rule(exc.rule), exc.message, notes)
+                found = (Rule(exc.rule), exc.message, "\n".join(getattr(exc, "__notes__", ())))
             except Exception as exc:
-                fail(rule, f"{type(exc).__name__}: {exc}", plugin_frames(exc))
+                found = (rule, f"{type(exc).__name__}: {exc}", plugin_frames(exc))
+            # Failed outside the handler, so that pytest shows the message, not the chain.
+            fail(*found)
 
         run.conformance_rule = rule  # type: ignore[attr-defined]
         return run
