@@ -11,11 +11,14 @@ import importlib
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .._errors import ContractViolation, PluginLoadError
+
+if TYPE_CHECKING:
+    from ._mediator import MediatorUnderTest
 
 __all__ = [
     "DIRTY_LOGGING_PROPERTY",
@@ -161,25 +164,16 @@ def pytest_collection_modifyitems(
     names = _mediators(config)
     if not names:
         return
-    from ._mediator import MediatorUnderTest
-    from ._verdict import Ledger, core_message, tagged
+    from ._verdict import Ledger
 
     spec = importlib.util.find_spec(SUITE)
     assert spec is not None and spec.origin is not None
     for name in names:
         node = f"conformance[{name}]"
-        try:
-            loaded = MediatorUnderTest.load(name)
-        except ContractViolation as exc:
-            why = tagged(exc.rule, f"{exc.plugin}: cannot be loaded: {core_message(exc)}")
+        loaded = _load(name)
+        if isinstance(loaded, str):
             items.append(
-                LoadFailure.from_parent(session, name="load", nodeid=f"{node}::load", why=why)
-            )
-            continue
-        except (LookupError, PluginLoadError) as exc:
-            why = f"mediator {name!r} cannot be loaded: {exc}"
-            items.append(
-                LoadFailure.from_parent(session, name="load", nodeid=f"{node}::load", why=why)
+                LoadFailure.from_parent(session, name="load", nodeid=f"{node}::load", why=loaded)
             )
             continue
         module = ConformanceModule.from_parent(
@@ -189,6 +183,19 @@ def pytest_collection_modifyitems(
         module.stash[LOADED] = loaded
         module.stash[LEDGER] = Ledger(loaded.describe())
         items.extend(session.genitems(module))
+
+
+def _load(name: str) -> MediatorUnderTest | str:
+    """The installed mediator ``name``, loaded, or why it cannot be."""
+    from ._mediator import MediatorUnderTest
+    from ._verdict import core_message, tagged
+
+    try:
+        return MediatorUnderTest.load(name)
+    except ContractViolation as exc:
+        return tagged(exc.rule, f"{exc.plugin}: cannot be loaded: {core_message(exc)}")
+    except (LookupError, PluginLoadError) as exc:
+        return f"mediator {name!r} cannot be loaded: {exc}"
 
 
 @pytest.hookimpl(wrapper=True)
