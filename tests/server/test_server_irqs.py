@@ -173,7 +173,7 @@ def test_a_saturated_blocking_eventfd_does_not_block_the_server(
     try:
         client.set_irq_eventfds(MSIX, 0, [blocking])
         os.eventfd_write(blocking, EVENTFD_MAX)  # the client itself fills the counter
-        client.trigger_irqs(MSIX, 0, 1)  # fired on the event loop thread
+        client.trigger_irqs(MSIX, 0, 1)  # fired on the session's thread
         assert client.device_info().num_regions == 9
         assert os.eventfd_read(blocking) == EVENTFD_MAX, "an interrupt was pending already"
         client.trigger_irqs(MSIX, 0, 1)
