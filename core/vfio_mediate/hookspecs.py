@@ -33,13 +33,13 @@ Lifecycle of a device:
 3. At the last close ``mediator_release`` runs exactly once. While a device it claimed is open
    a mediator cannot be unregistered.
 
-Threads: the hooks of one device are called one at a time, except ``mediator_rw``, which runs
-for every access a client makes, takes no lock, and may run from several threads at once and
-while any other hook of the same device runs (not across ``mediator_release``), and
-``mediator_irq``, which runs on an interrupt relay thread. Hooks of
-different devices run at the same time in different threads: per-device state lives in the
-handle, and whatever handles share needs a lock. Thread-safe, to call from any thread (a device
-model's too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
+Threads: the hooks of one device are called one at a time (the device's lock), except two.
+``mediator_rw`` runs for every access a client makes, takes no lock, and may run from several
+threads at once and while any other hook of the same device runs (never across
+``mediator_release``); ``mediator_irq`` runs on an interrupt relay thread. Hooks of different
+devices run at the same time in different threads: per-device state lives in the handle, and
+whatever handles share needs a lock. Thread-safe, to call from any thread (a device model's
+too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
 ``dma.read``/``dma.write``.
 """
 
