@@ -223,3 +223,17 @@ def test_errors_are_one_line_without_traceback(args: tuple[str, ...], message: s
     result = run(*args)
     assert_one_line_error(result, message)
     assert result.returncode == 1
+
+
+def test_output_whose_reader_has_gone_is_no_error() -> None:
+    # `vfio-mediate probe --json | head -1`, with the reader gone before the first write.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [COMMAND, "probe", "--json"], stdout=write_end, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == b""
+    assert result.returncode == 141

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -61,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         status: int = args.func(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`probe --json | head`): what it did not read is
+        # not an error of ours. Point stdout at /dev/null so the exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (VfioMediateError, OSError) as exc:
         print(f"vfio-mediate: error: {exc}", file=sys.stderr)
         return 1
