@@ -8,15 +8,17 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, final
+from typing import Any, cast, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._dirty import DirtyLog
 from ._dma import DmaMapping, DmaSpace
+from ._dma_view import DmaView
 from ._errors import AccessError, ContractViolation, DeviceStateError, MigrationError
+from ._hook_types import Device, DirtyPageLog, RegionInfoData
 from ._migration import SAVING_ARCS, migration_path
 from ._registry import MediatorRegistry, PluginRecord
-from ._rules import Rule
+from ._rules import HOOK_RULES, Rule
 from .uapi import (
     PAGE_SIZE,
     PCI_NUM_REGIONS,
@@ -69,13 +71,13 @@ class MediatorDevice:
         self.read: Callable[[int, int, int], bytes] = backend.read
         self.write: Callable[[int, int, bytes], int] = backend.write
         self.mmap: Callable[[int, int, int], RegionMapping] = backend.mmap
-        self.dma: DmaSpace | None = backend.dma
+        self.dma: DmaView | None = None if backend.dma is None else DmaView(backend.dma)
         self.model: Any = backend.model
         self._backend = backend
 
-    def region_info(self, index: int) -> dict[str, Any]:
+    def region_info(self, index: int) -> RegionInfoData:
         """The device's own info of region ``index``, as plain data."""
-        return self._backend.region_info(index).to_plain()
+        return cast(RegionInfoData, self._backend.region_info(index).to_plain())
 
     def __repr__(self) -> str:
         return f"<MediatorDevice {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
@@ -207,7 +209,7 @@ class MediatedDevice:
         return self._handle
 
     def _attach(self) -> None:
-        view = MediatorDevice(self.backend)
+        view: Device = MediatorDevice(self.backend)  # the contract's type, checked here
         claim = self.registry.claim(view, self)
         if claim is not None:
             self._record, self._handle = claim
@@ -256,14 +258,15 @@ class MediatedDevice:
                 assert self._record is not None
                 logger.exception("mediator %s raised in %s", self._record.describe(), hook)
 
-    def _without_errno(self, exc: OSError) -> ContractViolation:
-        return self._violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno")
+    def _without_errno(self, exc: OSError, where: str = "") -> ContractViolation:
+        return self._violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno{where}")
 
-    def _rw_failure(self, exc: Exception) -> ContractViolation:
+    def _rw_failure(self, exc: Exception, index: int, offset: int, count: int) -> ContractViolation:
         """What an exception other than an ``OSError`` with an errno from ``mediator_rw`` is."""
+        where = f" for region {index} at {offset:#x}+{count:#x}"
         if isinstance(exc, OSError):
-            return self._without_errno(exc)
-        return self._violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}")
+            return self._without_errno(exc, where)
+        return self._violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}{where}")
 
     def _violation(self, rule: Rule, message: str) -> ContractViolation:
         assert self._record is not None
@@ -288,11 +291,17 @@ class MediatedDevice:
 
     def _ask_region_info(self, index: int) -> RegionInfo:
         own = self.backend.region_info(index)
-        answer = self._call_strict(
-            "mediator_get_region_info", own.to_plain(), rule=Rule.REGION_INFO_VALID
-        )
+        answer = self._call_strict("mediator_get_region_info", own.to_plain())
         if answer is None:
             return own
+        flags = answer.get("flags") if isinstance(answer, dict) else None
+        known = int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP)
+        if isinstance(flags, int) and not flags & ~known and flags & ~int(own.flags):
+            # Before validating the rest: an added flag is the fault, whatever else it breaks.
+            raise self._violation(
+                Rule.REGION_INFO_VALID,
+                f"region {index}: flags {RegionFlag(flags & ~int(own.flags))!r} the device lacks",
+            )
         try:
             info = RegionInfo.from_plain(answer)
         except ValueError as exc:
@@ -330,7 +339,7 @@ class MediatedDevice:
             )
 
     def _ask_device_regions(self) -> list[RegionInfo]:
-        answer = self._call_strict("mediator_device_regions", rule=Rule.DEVICE_REGIONS_VALID)
+        answer = self._call_strict("mediator_device_regions")
         try:
             infos = [RegionInfo.from_plain(item) for item in answer or ()]
         except (TypeError, ValueError) as exc:
@@ -350,17 +359,19 @@ class MediatedDevice:
             return own
         if self._hooks.get("mediator_regions") is None:
             return set(infos)
-        answer = self._call_strict("mediator_regions", rule=Rule.HOOK_SIGNATURE)
+        answer = self._call_strict("mediator_regions")
         try:
             chosen = {int(index) for index in answer}
         except (TypeError, ValueError) as exc:
             raise self._violation(
-                Rule.HOOK_SIGNATURE, f"mediator_regions must return region indexes: {exc}"
+                Rule.REGIONS_RESULT,
+                f"mediator_regions returned {answer!r:.60}, not region indexes: {exc}",
             ) from exc
         unknown = chosen - set(infos)
         if unknown:
             raise self._violation(
-                Rule.HOOK_SIGNATURE, f"mediator_regions names no region {unknown}"
+                Rule.REGIONS_RESULT,
+                f"mediator_regions names region(s) {sorted(unknown)} the device does not have",
             )
         return chosen | own
 
@@ -382,13 +393,16 @@ class MediatedDevice:
             except Exception as exc:
                 if isinstance(exc, OSError) and exc.errno:
                     raise
-                raise failure(exc) from exc
+                raise failure(exc, index, offset, count) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
                 return backend_read(index, offset, count)
             if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
-                raise violation(Rule.RW_RESULT, f"read of {count} bytes returned {result!r:.60}")
+                raise violation(
+                    Rule.RW_RESULT,
+                    f"a read of region {index} at {offset:#x}+{count:#x} returned {result!r:.60}",
+                )
             return bytes(result)
 
         def write(offset: int, data: bytes) -> int:
@@ -397,13 +411,17 @@ class MediatedDevice:
             except Exception as exc:
                 if isinstance(exc, OSError) and exc.errno:
                     raise
-                raise failure(exc) from exc
+                raise failure(exc, index, offset, len(data)) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
                 return backend_write(index, offset, data)
             if result != len(data):
-                raise violation(Rule.RW_RESULT, f"write of {len(data)} bytes returned {result!r}")
+                raise violation(
+                    Rule.RW_RESULT,
+                    f"a write of region {index} at {offset:#x}+{len(data):#x} returned "
+                    f"{result!r:.60}, not {len(data)}",
+                )
             return len(data)
 
         return read, write
@@ -611,9 +629,10 @@ class MediatedDevice:
             self._state = MigrationState.RUNNING
             self._stream = None
 
-    def _call_strict(self, hook: str, *args: Any, rule: Rule = Rule.ACCESS_ERRORS) -> Any:
+    def _call_strict(self, hook: str, *args: Any) -> Any:
         """Call the winner's ``hook`` (``None`` if it has none): an ``OSError`` with an errno
-        passes, anything else it raises becomes a ``ContractViolation`` of ``rule``."""
+        passes, anything else it raises becomes a ``ContractViolation`` of the hook's own rule
+        (``HOOK_RULES``)."""
         function = self._hooks.get(hook)
         if function is None:
             return None
@@ -624,7 +643,7 @@ class MediatedDevice:
                 raise self._without_errno(exc) from exc
             raise
         except Exception as exc:
-            raise self._violation(rule, f"{hook} raised {exc!r}") from exc
+            raise self._violation(HOOK_RULES[hook], f"{hook} raised {exc!r}") from exc
 
     @property
     def dma(self) -> DmaSpace | None:
@@ -741,7 +760,8 @@ class MediatedDevice:
                 raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
             log = DirtyLog(page_size, ranges)
             if source == "mediator":
-                self._call_strict("mediator_dma_logging_start", log)
+                handed: DirtyPageLog = log  # what the contract promises, checked here
+                self._call_strict("mediator_dma_logging_start", handed)
             else:
                 self.backend.dirty_start()  # type: ignore[attr-defined]
             self._log = log

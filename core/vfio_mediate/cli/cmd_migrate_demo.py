@@ -21,6 +21,7 @@ from .._dma import anonymous_memory
 from .._migrate import LiveMigration, MigrationProgress, MigrationReport, find_workload
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
+from ._arguments import count, memory_mib
 from ._defaults import DEFAULT_DEVICE
 
 GUEST_IOVA = 0x1_0000_0000
@@ -42,13 +43,13 @@ def register(subparsers: Any) -> None:
         metavar="MODEL",
         help=f"a device model with a guest workload (default: {DEFAULT_DEVICE})",
     )
-    parser.add_argument("--memory", type=int, default=16, metavar="MIB", help="guest memory")
-    parser.add_argument("--rounds", type=int, default=8, help="most pre-copy rounds")
+    parser.add_argument("--memory", type=memory_mib, default=16, metavar="MIB", help="guest memory")
+    parser.add_argument("--rounds", type=count, default=8, help="most pre-copy rounds")
     parser.add_argument(
-        "--stop-pages", type=int, default=64, metavar="N", help="stop when a round copies <= N"
+        "--stop-pages", type=count, default=64, metavar="N", help="stop when a round copies <= N"
     )
     parser.add_argument(
-        "--slices", type=int, default=20, metavar="N", help="guest slices before and after"
+        "--slices", type=count, default=20, metavar="N", help="guest slices before and after"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the guest's traffic")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     """Build both sides, migrate, continue on the destination, report."""
     factory = find_workload(args.device)
     registry = MediatorRegistry.from_entry_points()
+    registry.require_loaded()
     size = args.memory << 20
     backends: list[EmulatedPciDevice] = []
     try:
