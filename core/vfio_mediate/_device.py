@@ -654,8 +654,8 @@ class MediatedDevice:
 
     # -- DMA dirty logging -------------------------------------------------------------
 
-    def dma_logging_start(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> DirtyLog:
-        """Start logging DMA writes of ``ranges`` at ``page_size`` granularity."""
+    def dma_logging_start(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> int:
+        """Start logging DMA writes of ``ranges`` at ``page_size`` granularity (returned)."""
         with self._lock:
             self._require_open()
             if self._hooks.get("mediator_dma_logging_start") is None:
@@ -665,7 +665,7 @@ class MediatedDevice:
             log = DirtyLog(page_size, ranges)
             self._call_strict("mediator_dma_logging_start", log)
             self._log = log
-            return log
+            return log.page_size
 
     def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
         """Read and clear the dirty bitmap of ``[iova, iova + length)``."""

@@ -28,17 +28,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, final
 
-from ._device import MediatedDevice, MigrationStream
+from ._device import MigrationStream
 from ._dirty import bitmap_pages
 from ._errors import MigrationError, PluginLoadError, RegistryError
 from ._registry import entry_points, load_entry_point
-from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex
+from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex, RegionInfo
 
 __all__ = [
     "WORKLOAD_GROUP",
     "CopyRound",
     "GuestWorkload",
     "LiveMigration",
+    "MigratableDevice",
     "MigrationProgress",
     "MigrationReport",
     "Workload",
@@ -48,7 +49,62 @@ __all__ = [
 WORKLOAD_GROUP = "vfio_mediate.workloads"
 """Entry points of guest workloads, named after the device model they drive."""
 
-_CHUNK = 1 << 20
+_CHUNK = 64 << 10
+"""Migration data is moved in pieces this big (well under a vfio-user message's limit)."""
+
+
+class MigratableDevice(Protocol):
+    """What ``LiveMigration`` drives, in-process or over a socket: the region access, migration
+    v2 and DMA dirty logging of ``MediatedDevice``, which ``server.VfioUserClient`` speaks too.
+
+    Errors are ``AccessError`` (``MigrationError`` for state changes) carrying the errno.
+    """
+
+    name: str
+
+    def read(self, index: int, offset: int, count: int) -> bytes:
+        """Read ``count`` bytes of region ``index`` at ``offset``."""
+
+    def write(self, index: int, offset: int, data: bytes) -> int:
+        """Write ``data`` to region ``index`` at ``offset``; returns the bytes written."""
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Region ``index``'s info."""
+
+    @property
+    def migration_flags(self) -> int:
+        """The migration v2 flags (``MigrationFlag`` bits; 0: no migration)."""
+
+    @property
+    def migration_state(self) -> MigrationState:
+        """The current migration v2 state."""
+
+    def set_migration_state(self, target: int) -> MigrationState:
+        """Go to ``target`` through Linux's arcs; returns the state reached (``target``)."""
+
+    def read_migration_data(self, size: int) -> bytes:
+        """Up to ``size`` saved bytes; ``b""`` at the end of what is saved so far."""
+
+    def write_migration_data(self, data: bytes) -> int:
+        """Add ``data`` to the state to load (in RESUMING); returns the bytes taken."""
+
+    @property
+    def migration_pending(self) -> int:
+        """Saved bytes not yet read."""
+
+    def dma_logging_start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
+        """Start logging the device's DMA writes of ``ranges`` ``(iova, length)``; returns
+        the page size the device logs at."""
+
+    def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
+        """Read and clear the dirty bitmap of ``[iova, iova + length)`` (a bit per page)."""
+
+    def dma_logging_stop(self) -> None:
+        """Stop logging."""
+
+    @property
+    def dma_logging(self) -> bool:
+        """Whether dirty logging runs."""
 
 
 class GuestWorkload(Protocol):
@@ -139,6 +195,9 @@ class MigrationReport:
 class LiveMigration:
     """Migrate ``source`` and its guest memory to ``destination`` under a running guest.
 
+    Each device is a ``MediatedDevice`` in this process or a ``VfioUserClient`` of a device
+    served by another (then each memory is a mapping of the memfd the client DMA-mapped).
+
     ``source_memory`` and ``destination_memory`` are the guest memory of each side, mapped at
     ``iova`` in the respective device's DMA space (the caller maps them). Both devices are open
     and RUNNING; afterwards the destination runs and the source is stopped.
@@ -146,8 +205,8 @@ class LiveMigration:
 
     def __init__(
         self,
-        source: MediatedDevice,
-        destination: MediatedDevice,
+        source: MigratableDevice,
+        destination: MigratableDevice,
         source_memory: memoryview,
         destination_memory: memoryview,
         iova: int,

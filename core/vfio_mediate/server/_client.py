@@ -125,6 +125,8 @@ class VfioUserClient:
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
         self._local_starts: list[int] = []
+        self._dma_logging = False
+        self.name = "vfio-user device"  # connect() names it after the socket path
         sock.settimeout(timeout)
 
     @classmethod
@@ -148,6 +150,7 @@ class VfioUserClient:
         client = cls(
             sock, timeout=timeout, dma_layout=dma_layout, max_data_xfer_size=max_data_xfer_size
         )
+        client.name = os.fspath(path)
         if negotiate:
             try:
                 client.negotiate()
@@ -576,25 +579,32 @@ class VfioUserClient:
             raise
         return True
 
+    # Migration and dirty logging have the shape of ``MediatedDevice``'s (the
+    # ``vfio_mediate.MigratableDevice`` protocol), so one driver moves either kind of device.
+
+    @property
     def migration_flags(self) -> int:
-        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags."""
+        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags (asked each time)."""
         data = self.feature(DeviceFeature.MIGRATION | FeatureFlag.GET)
         return int(FEATURE_MIGRATION.unpack_from(data)[0])
 
+    @property
     def migration_state(self) -> MigrationState:
-        """The device's migration state."""
+        """The device's migration state (asked each time)."""
         data = self.feature(DeviceFeature.MIG_DEVICE_STATE | FeatureFlag.GET)
         return MigrationState(FEATURE_MIG_STATE.unpack_from(data)[0])
 
-    def set_migration_state(self, state: int) -> None:
-        """Move the device to ``state`` (through the arcs the server chooses)."""
+    def set_migration_state(self, target: int) -> MigrationState:
+        """Move the device to ``target`` (through the arcs the server chooses); returns it."""
         self.feature(
             DeviceFeature.MIG_DEVICE_STATE | FeatureFlag.SET,
-            FEATURE_MIG_STATE.pack(state, 0xFFFF_FFFF),
+            FEATURE_MIG_STATE.pack(target, 0xFFFF_FFFF),
         )
+        return MigrationState(target)
 
-    def migration_data_size(self) -> int:
-        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: saved bytes still to read."""
+    @property
+    def migration_pending(self) -> int:
+        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: saved bytes still to read (asked each time)."""
         data = self.feature(DeviceFeature.MIG_DATA_SIZE | FeatureFlag.GET)
         return int(FEATURE_MIG_DATA_SIZE.unpack_from(data)[0])
 
@@ -617,11 +627,12 @@ class VfioUserClient:
             if len(part) < chunk:
                 return b"".join(parts)
 
-    def write_migration_data(self, data: bytes, chunk: int = 64 << 10) -> None:
-        """MIG_DATA_WRITE of ``data`` in ``chunk``s."""
+    def write_migration_data(self, data: bytes, chunk: int = 64 << 10) -> int:
+        """MIG_DATA_WRITE of ``data`` in ``chunk``s; returns the bytes written (all)."""
         for start in range(0, len(data), chunk):
             piece = data[start : start + chunk]
             self._call(Command.MIG_DATA_WRITE, MIG_DATA.pack(MIG_DATA.size, len(piece)) + piece)
+        return len(data)
 
     def dma_logging_start(self, page_size: int, ranges: Sequence[tuple[int, int]]) -> int:
         """Start dirty logging of ``ranges`` (all mapped memory when empty); returns the page
@@ -630,6 +641,7 @@ class VfioUserClient:
             DMA_LOGGING_RANGE.pack(iova, length) for iova, length in ranges
         )
         reply = self.feature(DeviceFeature.DMA_LOGGING_START | FeatureFlag.SET, data)
+        self._dma_logging = True
         return int(DMA_LOGGING_CONTROL.unpack_from(reply)[0])
 
     def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
@@ -643,3 +655,9 @@ class VfioUserClient:
     def dma_logging_stop(self) -> None:
         """Stop dirty logging."""
         self.feature(DeviceFeature.DMA_LOGGING_STOP | FeatureFlag.SET)
+        self._dma_logging = False
+
+    @property
+    def dma_logging(self) -> bool:
+        """Whether dirty logging runs, as this client started and stopped it."""
+        return self._dma_logging
