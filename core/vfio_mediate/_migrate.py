@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, final
 
-from ._device import MigrationStream
+from ._device_migration import MigrationStream
 from ._dirty import bitmap_pages
 from ._errors import MigrationError, PluginLoadError, RegistryError
+from ._pages import pages_of, runs
 from ._registry import entry_points, load_entry_point
 from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex, RegionInfo
 
@@ -311,9 +312,8 @@ class LiveMigration:
         if self.guest is None:
             return pages
         for iova, length in self.guest.take_cpu_dirty():
-            first = max(0, (iova - self.iova) // self.page_size)
-            last = min(self.pages - 1, (iova + length - 1 - self.iova) // self.page_size)
-            pages.update(range(first, last + 1))
+            touched = pages_of(iova - self.iova, length, self.page_size)
+            pages.update(range(max(0, touched.start), min(self.pages, touched.stop)))
         return pages
 
     def _copy(
@@ -331,7 +331,7 @@ class LiveMigration:
         source, target, size = self.source_memory, self.destination_memory, self.page_size
         step = self.pages_per_slice
         for at in range(0, len(pages), step):
-            for first, last in _runs(pages[at : at + step]):
+            for first, last in runs(pages[at : at + step]):
                 target[first * size : (last + 1) * size] = source[first * size : (last + 1) * size]
             self._notify(phase, number, min(at + step, len(pages)), len(pages))
             if guest and self.guest is not None:
@@ -358,16 +358,3 @@ class LiveMigration:
             saved.data += chunk
         self.destination.set_migration_state(MigrationState.STOP)
         return saved.last_chunk() == self._sent.last_chunk()
-
-
-def _runs(pages: list[int]) -> Iterable[tuple[int, int]]:
-    """Consecutive runs ``(first, last)`` of sorted page numbers."""
-    if not pages:
-        return
-    first = last = pages[0]
-    for page in pages[1:]:
-        if page != last + 1:
-            yield first, last
-            first = page
-        last = page
-    yield first, last

@@ -15,6 +15,7 @@ from typing import Any, final
 from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaSpace, anonymous_memory
 from ._errors import AccessError
+from ._pages import areas_of_pages, pages_of
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
     PAGE_SIZE,
@@ -276,7 +277,7 @@ class EmulatedPciDevice:
         areas = chosen(index) if chosen is not None else None
         pages: set[int] = set()
         for offset, size in [(0, bar.size)] if areas is None else areas:
-            pages.update(range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE)))
+            pages.update(pages_of(offset, size))
         msix = self.spec.msix
         if msix is not None:
             for bar_index, offset, size in (
@@ -284,16 +285,8 @@ class EmulatedPciDevice:
                 (msix.pba_bar, msix.pba_offset, msix.pba_size),
             ):
                 if bar_index == index:
-                    pages.difference_update(
-                        range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE))
-                    )
-        merged: list[tuple[int, int]] = []
-        for page in sorted(pages):
-            if merged and merged[-1][0] + merged[-1][1] == page * PAGE_SIZE:
-                merged[-1] = (merged[-1][0], merged[-1][1] + PAGE_SIZE)
-            else:
-                merged.append((page * PAGE_SIZE, PAGE_SIZE))
-        return merged
+                    pages.difference_update(pages_of(offset, size))
+        return areas_of_pages(pages)
 
     def bar_memory(self, index: int) -> memoryview:
         """The shared memory of BAR ``index``."""

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vfio_mediate import (
-    AccessError,
-    Config,
-    DeviceSpec,
-    DeviceSpecError,
-    EmulatedPciDevice,
-    load_spec,
-)
+from vfio_mediate import AccessError, DeviceSpec, DeviceSpecError, EmulatedPciDevice
+from vfio_mediate._pci import Config
+from vfio_mediate._spec import load_spec
 from vfio_mediate.uapi import IrqIndex, RegionFlag, RegionIndex
 
 CFG = RegionIndex.CONFIG

@@ -20,8 +20,8 @@ from vfio_mediate import (
     MediatedDevice,
     MediatorDevice,
     MediatorRegistry,
-    discover_device_models,
 )
+from vfio_mediate._devices import discover_device_models
 from vfio_mediate.uapi import PAGE_SIZE, RegionFlag
 
 

@@ -8,7 +8,7 @@ from i40e_mediator.guest import packet_bytes
 from i40e_mediator.model import QueueConfig
 from i40e_support import Vf, WriteRecorder
 
-from vfio_mediate import Config
+from vfio_mediate._pci import Config
 from vfio_mediate.uapi import PAGE_SIZE, MigrationState, RegionFlag, RegionIndex
 
 

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from server_testlib import CMD_FILL, MSIX_VECTORS, REG_DOORBELL, REG_SRC, open_fds
 
-from vfio_mediate import AccessError, Config
+from vfio_mediate import AccessError
+from vfio_mediate._pci import Config
 from vfio_mediate.server import DeviceEndpoint, VfioUserClient
 from vfio_mediate.uapi import IrqIndex, IrqInfoFlag, IrqSetFlag
 

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from .._device import MigrationStream
+from .._device_migration import MigrationStream
 from .._errors import ContractViolation, MigrationError
 from .._migration import ARCS, migration_path
 from .._rules import Rule
