@@ -12,6 +12,7 @@ from ._device import MediatedDevice
 from ._devices import create_device
 from ._dirty import DirtyLog
 from ._dma import DmaSpace, anonymous_memory
+from ._entry_points import PluginRecord
 from ._errors import (
     AccessError,
     ContractViolation,
@@ -29,7 +30,7 @@ from ._errors import (
 from ._mediator_view import MediatorDevice
 from ._migrate import LiveMigration, MigratableDevice, MigrationReport, Workload
 from ._pci import EmulatedPciDevice
-from ._registry import MediatorRegistry, PluginRecord
+from ._registry import MediatorRegistry
 from ._rules import Rule
 from ._spec import DeviceSpec
 

@@ -17,10 +17,11 @@ from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._device_migration import DeviceMigration
 from ._dma import DmaSpace
 from ._dma_logging import DmaLogging
+from ._entry_points import PluginRecord
 from ._errors import AccessError, DeviceNotOpenError
 from ._mediator_view import MediatorDevice
 from ._regions import RegionEntry, RegionTable
-from ._registry import MediatorRegistry, PluginRecord
+from ._registry import MediatorRegistry
 from ._rules import Rule
 from ._winner import WinningMediator
 from .uapi import PCI_NUM_REGIONS, DeviceInfo, IrqInfo, MigrationState, RegionInfo

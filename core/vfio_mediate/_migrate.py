@@ -30,13 +30,11 @@ from typing import Any, Protocol, final
 
 from ._device_migration import MigrationStream
 from ._dirty import bitmap_pages
-from ._errors import MigrationError, PluginLoadError, RegistryError
+from ._errors import MigrationError
 from ._pages import pages_of, runs
-from ._registry import entry_points, load_entry_point
 from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex, RegionInfo
 
 __all__ = [
-    "WORKLOAD_GROUP",
     "CopyRound",
     "GuestWorkload",
     "LiveMigration",
@@ -44,11 +42,7 @@ __all__ = [
     "MigrationProgress",
     "MigrationReport",
     "Workload",
-    "find_workload",
 ]
-
-WORKLOAD_GROUP = "vfio_mediate.workloads"
-"""Entry points of guest workloads, named after the device model they drive."""
 
 _CHUNK = 64 << 10
 """Migration data is moved in pieces this big (well under a vfio-user message's limit)."""
@@ -119,7 +113,7 @@ class GuestWorkload(Protocol):
 
 
 class Workload(GuestWorkload, Protocol):
-    """What a ``WORKLOAD_GROUP`` entry point's factory returns.
+    """What a ``vfio_mediate.workloads`` entry point's factory returns.
 
     The factory is called as ``factory(device, memory, iova, *, seed=0)``: ``device`` offers
     ``read``/``write``/``set_irq_triggers`` (a ``MediatedDevice``), ``memory`` is the guest memory
@@ -134,17 +128,6 @@ class Workload(GuestWorkload, Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters, at least ``received`` (packets checked good) and ``corrupt``."""
-
-
-def find_workload(model: str) -> Callable[..., Workload]:
-    """The workload factory registered for device model ``model`` in ``WORKLOAD_GROUP``."""
-    for ep in entry_points(WORKLOAD_GROUP):
-        if ep.name == model:
-            record, factory = load_entry_point(ep, WORKLOAD_GROUP)
-            if factory is None or not callable(factory):
-                raise PluginLoadError(record.describe(), record.error or "not a callable factory")
-            return factory  # type: ignore[no-any-return]
-    raise RegistryError(f"no guest workload for device model {model!r} ({WORKLOAD_GROUP})")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, final
 
+from ._entry_points import PluginRecord
 from ._errors import ContractViolation
-from ._registry import Claim, MediatorRegistry, PluginRecord
+from ._registry import Claim, MediatorRegistry
 from ._rules import Rule
 
 __all__ = ["WinningMediator"]

@@ -19,7 +19,7 @@ from vfio_mediate import (
     PluginLoadError,
     RegistryError,
 )
-from vfio_mediate._registry import Priority
+from vfio_mediate._entry_points import Priority
 
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 

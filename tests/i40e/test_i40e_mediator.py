@@ -21,7 +21,7 @@ from vfio_mediate import (
     MediatorDevice,
     MediatorRegistry,
 )
-from vfio_mediate._devices import discover_device_models
+from vfio_mediate._entry_points import discover_device_models
 from vfio_mediate.uapi import PAGE_SIZE, RegionFlag
 
 

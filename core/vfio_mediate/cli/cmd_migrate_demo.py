@@ -28,17 +28,11 @@ from typing import Any, TextIO
 from .._device import MediatedDevice
 from .._devices import create_device
 from .._dma import anonymous_memory
+from .._entry_points import default_device_model, find_workload
 from .._errors import VfioMediateError
-from .._migrate import (
-    LiveMigration,
-    MigratableDevice,
-    MigrationProgress,
-    MigrationReport,
-    find_workload,
-)
+from .._migrate import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
 from .._registry import MediatorRegistry
 from ..server import VfioUserClient
-from ._defaults import DEFAULT_DEVICE
 
 GUEST_IOVA = 0x1_0000_0000
 BAR_WIDTH = 30
@@ -61,9 +55,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--device",
-        default=DEFAULT_DEVICE,
         metavar="MODEL",
-        help=f"a device model with a guest workload (default: {DEFAULT_DEVICE})",
+        help="a device model with a guest workload (default: the first installed one, by name)",
     )
     parser.add_argument("--memory", type=int, default=16, metavar="MIB", help="guest memory")
     parser.add_argument("--rounds", type=int, default=8, help="most pre-copy rounds")
@@ -87,16 +80,17 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build both sides, migrate, continue on the destination, report."""
-    factory = find_workload(args.device)
+    model = args.device or default_device_model(with_workload=True)
+    factory = find_workload(model)
     size = args.memory << 20
     with ExitStack() as stack:
         if args.transport == "vfio-user":
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            sides = [_served_side(stack, args.device, role, directory, size) for role in _ROLES]
+            sides = [_served_side(stack, model, role, directory, size) for role in _ROLES]
             served_by = "each device in a vfio-mediate serve process of its own"
         else:
             registry = MediatorRegistry.from_entry_points()
-            local = [_local_side(stack, args.device, role, registry, size) for role in _ROLES]
+            local = [_local_side(stack, model, role, registry, size) for role in _ROLES]
             winner = local[0][0].mediator
             served_by = f"mediator {winner.name if winner else 'none'}"
             sides = [(device, memory) for device, memory in local]
@@ -110,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         display = None if args.json else Progress(sys.stdout)
         if display is not None:
             print(
-                f"migrating {args.device} under traffic ({args.transport}): {args.memory} MiB "
+                f"migrating {model} under traffic ({args.transport}): {args.memory} MiB "
                 f"of guest memory, {served_by}"
             )
         report = LiveMigration(
@@ -129,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         after = moved.stats()
     continues = after["received"] > before["received"] and not after.get("corrupt", 0)
     result = {
-        "device": args.device,
+        "device": model,
         "transport": args.transport,
         "memory_bytes": size,
         **report.as_dict(),

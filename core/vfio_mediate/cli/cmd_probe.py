@@ -8,9 +8,10 @@ from typing import Any
 
 from .._device import MediatedDevice
 from .._devices import create_device
+from .._entry_points import default_device_model
 from .._registry import MediatorRegistry
 from ..uapi import PCI_NUM_REGIONS, RegionFlag, RegionIndex, RegionInfo
-from ._defaults import DEFAULT_DEVICE
+from ._defaults import DEFAULT_DEVICE_HELP
 
 
 def register(subparsers: Any) -> None:
@@ -22,9 +23,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--device",
-        default=DEFAULT_DEVICE,
         metavar="SPEC",
-        help=f"a device model name or a TOML spec file (default: {DEFAULT_DEVICE})",
+        help=f"a device model name or a TOML spec file ({DEFAULT_DEVICE_HELP})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
@@ -51,7 +51,7 @@ def region_row(info: RegionInfo, mediated: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Open the device under every installed mediator and report the winner."""
     registry = MediatorRegistry.from_entry_points()
-    backend = create_device(args.device)
+    backend = create_device(args.device or default_device_model())
     try:
         with MediatedDevice(backend, registry) as device:
             winner = device.mediator

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 
 from .._device import MediatedDevice
-from .._registry import Priority
+from .._entry_points import Priority
 from ..uapi import PCI_NUM_REGIONS
 from ._mediator import MediatorUnderTest
 from ._targets import Target
