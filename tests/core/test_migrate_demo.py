@@ -44,3 +44,13 @@ def test_an_unknown_transport_is_one_line(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         main(["migrate-demo", "--transport", "carrier-pigeon"])
     assert "invalid choice: 'carrier-pigeon'" in capsys.readouterr().err
+
+
+def test_served_devices_without_migration_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VFIO_MEDIATE_DISABLE", "i40e")  # both servers serve the VF unmediated
+    assert main(["migrate-demo", "--transport", "vfio-user", "--memory", "2"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert "i40e-vf-source and i40e-vf-destination must both support migration" in error

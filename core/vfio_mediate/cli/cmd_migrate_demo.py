@@ -169,6 +169,7 @@ def _served_side(stack: ExitStack, model: str, role: str, directory: Path, size:
     stack.callback(_stop, process)
     client = _connect(process, path, errors, role)
     stack.callback(client.close)
+    client.name = f"{model}-{role}"
     # The mapping lives as long as the views of it (the guest's and the migration's).
     memory = client.dma_map_memfd(GUEST_IOVA, size)
     return client, memoryview(memory)

@@ -584,8 +584,14 @@ class VfioUserClient:
 
     @property
     def migration_flags(self) -> int:
-        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags (asked each time)."""
-        data = self.feature(DeviceFeature.MIGRATION | FeatureFlag.GET)
+        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags, 0 for a device without
+        the feature (``ENOTTY``, as QEMU reads it); asked each time."""
+        try:
+            data = self.feature(DeviceFeature.MIGRATION | FeatureFlag.GET)
+        except AccessError as exc:
+            if exc.errno == errno.ENOTTY:
+                return 0
+            raise
         return int(FEATURE_MIGRATION.unpack_from(data)[0])
 
     @property
