@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if args.transport == "vfio-user":
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             sides = [_served_side(stack, model, role, directory, size) for role in _ROLES]
-            served_by = "each device in a vfio-mediate serve process of its own"
+            served_by = "over vfio-user, each device in a vfio-mediate serve process of its own"
         else:
             registry = MediatorRegistry.from_entry_points()
             local = [_local_side(stack, model, role, registry, size) for role in _ROLES]
@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
         display = None if args.json else Progress(sys.stdout)
         if display is not None:
             print(
-                f"migrating {model} under traffic ({args.transport}): {args.memory} MiB "
-                f"of guest memory, {served_by}"
+                f"migrating {model} under traffic: {args.memory} MiB of guest memory, {served_by}"
             )
         report = LiveMigration(
             source,
