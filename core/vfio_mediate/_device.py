@@ -171,18 +171,20 @@ class MediatedDevice:
         entry = self._entries.get(index)
         if entry is None:
             raise self._no_region(index)
-        if offset < 0 or count <= 0 or offset + count > entry.size:
-            raise _out_of_range(index, offset, count, entry.size)
-        return entry.read(offset, count)
+        size, reader, _ = entry  # unpacked: cheaper than attribute access on this path
+        if offset < 0 or count <= 0 or offset + count > size:
+            raise _out_of_range(index, offset, count, size)
+        return reader(offset, count)
 
     def write(self, index: int, offset: int, data: bytes) -> int:
         """Write ``data`` to region ``index`` at ``offset``; returns the bytes written."""
         entry = self._entries.get(index)
         if entry is None:
             raise self._no_region(index)
-        if offset < 0 or not data or offset + len(data) > entry.size:
-            raise _out_of_range(index, offset, len(data), entry.size)
-        return entry.write(offset, data)
+        size, _, writer = entry
+        if offset < 0 or not data or offset + len(data) > size:
+            raise _out_of_range(index, offset, len(data), size)
+        return writer(offset, data)
 
     def _no_region(self, index: int) -> AccessError:
         if not self._opens:
