@@ -16,7 +16,9 @@ Command line (stdout gets a JSON object with the paths, progress goes to stderr)
 The cache directory is ``--cache-dir``, else ``$VFIO_MEDIATE_CACHE``, else
 ``${XDG_CACHE_HOME:-~/.cache}/vfio-mediate``; the root is ``<cache>/trixie-root``. A stamp
 file written last marks a finished provision: with it present nothing is done; without it
-the root is taken as half-built and is unmounted, removed and rebuilt.
+the root is taken as half-built and is unmounted, removed and rebuilt. Packages added later
+(``GUEST_PYTHON_PACKAGES``: the guest's Python, to run the project inside a nested guest) are
+installed in place into a finished root whose stamp has an older ``additions`` number.
 
 Python API (load this file by path, e.g. with ``importlib.util.spec_from_file_location``)::
 
@@ -52,12 +54,18 @@ BACKPORTS = f"{SUITE}-backports"
 ROOT_DIR_NAME = f"{SUITE}-root"
 # Bumped whenever the recipe below changes, so an older root is rebuilt, not half-reused.
 RECIPE_VERSION = 1
+# Bumped whenever packages are only added: a root of the same recipe with an older (or no)
+# "additions" number gets them installed in place (apt-get install), without a rebuild.
+ADDITIONS_VERSION = 1
 STAMP_NAME = ".vfio-mediate-provisioned.json"
 LOCK_NAME = f".{ROOT_DIR_NAME}.lock"
 LOG_NAME = "provision.log"
 
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-data", "seabios", "ipxe-qemu")
 GUEST_PACKAGES = ("linux-image-amd64", "busybox-static", "cpio")
+# What the guest needs to run the project itself (tests of real vfio-pci devices run inside a
+# guest that boots this root over virtio-9p): Debian's Python and the core's dependencies.
+GUEST_PYTHON_PACKAGES = ("python3", "python3-pydantic", "python3-pluggy", "python3-pytest")
 VFIO_USER_DEVICE = "vfio-user-pci"
 
 # Paths as seen inside the root.
@@ -298,10 +306,14 @@ def _locked(cache: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- provision
 
 
-def _read_stamp(root: Path) -> Provision | None:
+def _read_stamp(root: Path, *, additions: bool = True) -> Provision | None:
+    """The finished provision in ``root``; with ``additions``, only if it also has the
+    packages of :data:`ADDITIONS_VERSION` (else see :func:`_add_packages`)."""
     try:
         data = json.loads((root / STAMP_NAME).read_text(encoding="utf-8"))
         if data.get("recipe") != RECIPE_VERSION:
+            return None
+        if additions and data.get("additions", 0) != ADDITIONS_VERSION:
             return None
         prov = Provision(
             root=root,
@@ -321,6 +333,7 @@ def _read_stamp(root: Path) -> Provision | None:
 def _write_stamp(prov: Provision) -> None:
     data = {
         "recipe": RECIPE_VERSION,
+        "additions": ADDITIONS_VERSION,
         "qemu": prov.qemu,
         "kernel": prov.kernel,
         "bios_dir": prov.bios_dir,
@@ -472,6 +485,11 @@ def provision(
         if done is not None:
             return done
     if os.geteuid() != 0:
+        if _read_stamp(root, additions=False) is not None:
+            raise ProvisionError(
+                f"the provision in {cache} lacks packages added since it was made "
+                f"({' '.join(GUEST_PYTHON_PACKAGES)}); run this script as root once to add them"
+            )
         raise ProvisionError(
             f"not provisioned yet in {cache}, and provisioning must run as root "
             "(debootstrap, mount and chroot need it)"
@@ -484,6 +502,9 @@ def provision(
         done = None if force else _read_stamp(root)
         if done is not None:
             return done
+        older = None if force else _read_stamp(root, additions=False)
+        if older is not None:
+            return _add_packages(older, cache / LOG_NAME, verbose=verbose)
         return _build(root, cache / LOG_NAME, verbose=verbose, mirror=mirror)
 
 
@@ -552,6 +573,7 @@ def _build(root: Path, log: Path, *, verbose: bool, mirror: str | None) -> Provi
             # need not build an initrd (it would take about 15 s and 36 MB, twice over).
             env={**APT_ENV, "INITRD": "No"},
         )
+        _install_guest_python(root, log, verbose=verbose, step=step)
         # The downloaded .deb files are not needed again and are a good share of the size.
         _run_logged(_chroot_argv(root, [*apt_get, "clean"]), log, "apt-get clean", env=APT_ENV)
     _unmount_all_under(root)
@@ -569,6 +591,56 @@ def _build(root: Path, log: Path, *, verbose: bool, mirror: str | None) -> Provi
     shared_dir(prov)
     _write_stamp(prov)
     step(f"done: {qemu_version}, kernel {prov.kernel}")
+    return prov
+
+
+def _install_guest_python(root: Path, log: Path, *, verbose: bool, step: Any) -> None:
+    step(f"installing {' '.join(GUEST_PYTHON_PACKAGES)} for the project inside the guest")
+    _run_logged(
+        _chroot_argv(
+            root,
+            [
+                "apt-get",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "install",
+                "-y",
+                "--no-install-recommends",
+                *GUEST_PYTHON_PACKAGES,
+            ],
+        ),
+        log,
+        "installing the guest's Python packages",
+        verbose=verbose,
+        env=APT_ENV,
+        hint="is the Debian mirror reachable?",
+    )
+
+
+def _add_packages(prov: Provision, log: Path, *, verbose: bool) -> Provision:
+    """Install into a finished root of this recipe the packages added since it was made."""
+    started = time.monotonic()
+    log.write_text(f"{PROG}: adding packages to {prov.root}\n", encoding="utf-8")
+
+    def step(message: str) -> None:
+        _say(f"[{time.monotonic() - started:5.1f}s] {message}")
+
+    apt_get = ["apt-get", "-o", "Dpkg::Use-Pty=0"]
+    with _apt_mounts(prov.root):
+        step("apt-get update")
+        _run_logged(
+            _chroot_argv(prov.root, [*apt_get, "update"]),
+            log,
+            "apt-get update in the root",
+            verbose=verbose,
+            env=APT_ENV,
+            hint="is the Debian mirror reachable?",
+        )
+        _install_guest_python(prov.root, log, verbose=verbose, step=step)
+        _run_logged(_chroot_argv(prov.root, [*apt_get, "clean"]), log, "apt-get clean", env=APT_ENV)
+    _unmount_all_under(prov.root)
+    _write_stamp(prov)
+    step("done")
     return prov
 
 

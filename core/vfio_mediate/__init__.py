@@ -33,6 +33,7 @@ from ._pci import EmulatedPciDevice
 from ._registry import MediatorRegistry
 from ._rules import Rule
 from ._spec import DeviceSpec
+from ._vfio import VfioDeviceError, VfioPciDevice
 
 __all__ = [
     "AccessError",
@@ -59,7 +60,9 @@ __all__ = [
     "ProtocolError",
     "RegistryError",
     "Rule",
+    "VfioDeviceError",
     "VfioMediateError",
+    "VfioPciDevice",
     "Workload",
     "anonymous_memory",
     "create_device",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from ._dma import DmaSpace
+from ._dma import DmaMapping, DmaSpace, RemoteMemory
 from .uapi import DeviceInfo, IrqInfo, RegionInfo
 
 __all__ = ["DeviceBackend", "DeviceIdentity", "RegionMapping", "Trigger"]
@@ -37,8 +37,14 @@ class DeviceIdentity(NamedTuple):
 
 @runtime_checkable
 class DeviceBackend(Protocol):
-    """ "The physical device" behind a ``MediatedDevice``: an emulated PCI function today,
-    ``/dev/vfio`` or a remote vfio-user device later.
+    """ "The physical device" behind a ``MediatedDevice``: an emulated PCI function
+    (``EmulatedPciDevice``), a device bound to vfio-pci (``VfioPciDevice``), or later a remote
+    vfio-user device.
+
+    A backend owns DMA mapping (``dma_map``/``dma_unmap``: a real device maps into its IOMMU)
+    and interrupt routing (``set_irq_eventfds`` takes raw eventfds; ``set_irq_triggers`` takes
+    callables). A backend with ``direct_irqs = True`` prefers eventfds: ``MediatedDevice`` gives
+    it the client's eventfds unless the mediator observes the vector.
 
     Region accesses arrive already checked against the region's size. Errors are ``OSError``
     with an errno.
@@ -81,8 +87,30 @@ class DeviceBackend(Protocol):
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
 
+    def set_irq_eventfds(self, index: int, start: int, fds: Sequence[int]) -> None:
+        """Route vectors ``start`` onward to eventfds (``-1`` unsets one). The caller keeps
+        ownership of the fds. A real device hands them to the kernel (the interrupt never
+        passes through Python); an emulated one signals them from its triggers."""
+
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` (VFIO_IRQ_SET_DATA_NONE|TRIGGER)."""
+
+    def dma_map(
+        self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device ``size`` bytes of file ``fd`` from ``offset`` at ``iova``: in
+        ``dma`` (the server's view) and, for a real device, in its IOMMU at the same IOVA.
+        The caller keeps ownership of ``fd``."""
+
+    def dma_map_remote(
+        self, iova: int, size: int, remote: RemoteMemory, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device memory reached by messages; a real device refuses (``ENOTSUP``)."""
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Take back the mapping that is exactly ``[iova, iova + size)`` (IOMMU first)."""
 
     def reset(self) -> None:
         """Reset the device (``VFIO_DEVICE_RESET``)."""

@@ -2,7 +2,7 @@
 
 Those pieces, each a module of its own: the winner (``WinningMediator``, absent when nobody
 claimed the device), the region table (``RegionTable``), the migration state machine
-(``DeviceMigration``) and dirty logging (``DmaLogging``).
+(``DeviceMigration``), dirty logging (``DmaLogging``) and interrupt routing (``IrqRouting``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._device_migration import DeviceMigration
-from ._dma import DmaSpace
+from ._dma import DmaMapping, DmaSpace, RemoteMemory
 from ._dma_logging import DmaLogging
 from ._entry_points import PluginRecord
 from ._errors import AccessError, DeviceNotOpenError
+from ._irqs import IrqRouting
 from ._mediator_view import MediatorDevice
 from ._regions import RegionEntry, RegionTable
 from ._registry import MediatorRegistry
@@ -64,6 +65,7 @@ class MediatedDevice:
         self._entries: dict[int, RegionEntry] = {}  # the table's, looked up without a lock
         self._migration = DeviceMigration(self.name, None)
         self._logging = DmaLogging(self.name, None)
+        self._irqs = IrqRouting(self.name, backend, None)
 
     def __repr__(self) -> str:
         winner = self._winner.record.name if self._winner else None
@@ -120,7 +122,8 @@ class MediatedDevice:
             raise
         self._winner, self._regions, self._entries = winner, regions, regions.entries
         self._migration = DeviceMigration(self.name, winner)
-        self._logging = DmaLogging(self.name, winner)
+        self._logging = DmaLogging(self.name, winner, self.backend)
+        self._irqs = IrqRouting(self.name, self.backend, winner)
 
     def _detach(self) -> None:
         winner = self._winner
@@ -128,6 +131,7 @@ class MediatedDevice:
         self._logging.stop_quietly()
         self._migration = DeviceMigration(self.name, None)
         self._logging = DmaLogging(self.name, None)
+        self._irqs = IrqRouting(self.name, self.backend, None)
         self._winner = None
         if winner is not None:
             winner.release()
@@ -232,12 +236,30 @@ class MediatedDevice:
         return self.backend.irq_info(index)
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
-        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        self.backend.set_irq_triggers(index, start, triggers)
+        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward; a vector the
+        mediator observes reaches it first (see ``IrqRouting``). Raising vectors is the
+        backend's (``backend.fire_irqs``)."""
+        self._irqs.set_triggers(index, start, triggers)
 
-    def fire_irqs(self, index: int, start: int, count: int) -> None:
-        """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index``."""
-        self.backend.fire_irqs(index, start, count)
+    # -- DMA: the backend owns it (a real device maps into its IOMMU) ------------------------
+
+    def dma_map(
+        self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device client memory (the caller keeps ``fd``); see ``DeviceBackend``."""
+        return self.backend.dma_map(iova, size, fd, offset, readable=readable, writable=writable)
+
+    def dma_map_remote(
+        self, iova: int, size: int, remote: RemoteMemory, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Give the device memory reached by messages (a real device refuses: ``ENOTSUP``)."""
+        return self.backend.dma_map_remote(iova, size, remote, readable=readable, writable=writable)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Take back a mapping (for a real device: out of the IOMMU first)."""
+        self.backend.dma_unmap(iova, size)
 
     def reset(self) -> None:
         """Reset the device; the mediator hears of it first. Migration is RUNNING after it."""
@@ -311,8 +333,13 @@ class MediatedDevice:
             self._logging.stop()
 
     @property
+    def dma_logging_source(self) -> str | None:
+        """Who logs dirty pages: ``"mediator"``, ``"iommu"`` or ``None`` (see ``DmaLogging``)."""
+        return self._logging.source
+
+    @property
     def dma_logging_supported(self) -> bool:
-        """Whether the winning mediator can log dirty pages (``mediator_dma_logging_start``)."""
+        """Whether dirty pages can be logged (by the mediator or the IOMMU)."""
         return self._logging.supported
 
     @property

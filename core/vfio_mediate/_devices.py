@@ -10,20 +10,27 @@ from ._entry_points import PluginRecord, discover_device_models
 from ._errors import DeviceSpecError
 from ._pci import EmulatedPciDevice
 from ._spec import DeviceSpec, load_spec
+from ._vfio import VfioPciDevice, is_pci_address
 
 __all__ = ["create_device", "create_from_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> EmulatedPciDevice:
-    """Build an emulated device from a model name, a TOML spec path or a ``DeviceSpec``.
+def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> Any:
+    """Build a device backend from a model name, a TOML spec path or a ``DeviceSpec`` (an
+    ``EmulatedPciDevice``), or open the device at a PCI address in sysfs form such as
+    ``0000:01:10.0`` through ``/dev/vfio`` (a ``VfioPciDevice``; it must be bound to vfio-pci).
 
     A model's factory returns ``(spec, model)``: the spec as plain data and the behaviour object.
+    A PCI device that cannot be opened raises ``VfioDeviceError`` (a ``DeviceSpecError``) whose
+    one-line message says what to do.
     """
     if isinstance(spec, DeviceSpec):
         return EmulatedPciDevice(spec.model_copy(update={"name": name}) if name else spec)
     text = str(spec)
+    if is_pci_address(text) and not Path(text).is_file():
+        return VfioPciDevice(text, name=name)
     if text.endswith(".toml") or Path(text).is_file():
         loaded = load_spec(text)
         return EmulatedPciDevice(loaded.model_copy(update={"name": name}) if name else loaded)

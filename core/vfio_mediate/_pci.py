@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, final
 
 from ._backend import DeviceIdentity, RegionMapping, Trigger
-from ._dma import DmaSpace, anonymous_memory
+from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
 from ._errors import AccessError
 from ._pages import areas_of_pages, pages_of
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
@@ -419,6 +419,29 @@ class EmulatedPciDevice:
                     if index == IrqIndex.MSIX and self._take_pending(vector):
                         trigger()
 
+    def set_irq_eventfds(self, index: int, start: int, fds: Sequence[int]) -> None:
+        """Signal eventfds (``-1`` unsets a vector) from the device's triggers; the caller
+        keeps ownership of the fds."""
+        self.set_irq_triggers(index, start, [None if fd < 0 else _EventfdSignal(fd) for fd in fds])
+
+    def dma_map(
+        self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Map client memory into the device's ``DmaSpace``."""
+        return self.dma.map_fd(iova, size, fd, offset, readable=readable, writable=writable)
+
+    def dma_map_remote(
+        self, iova: int, size: int, remote: RemoteMemory, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
+        """Map memory reached by messages into the device's ``DmaSpace``."""
+        return self.dma.map_remote(iova, size, remote, readable=readable, writable=writable)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Unmap from the device's ``DmaSpace``."""
+        self.dma.unmap(iova, size)
+
     def fire_irqs(self, index: int, start: int, count: int) -> None:
         """Raise vectors ``start`` to ``start + count - 1`` of ``index``."""
         if start < 0 or count < 0 or start + count > self._vectors(index):
@@ -489,6 +512,19 @@ class EmulatedPciDevice:
                 mapped.close()
             os.close(fd)
         self._bars.clear()
+
+
+class _EventfdSignal:
+    """A trigger that adds 1 to an eventfd it does not own (never blocking on a full one)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __call__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.fd, (1).to_bytes(8, "little"))
 
 
 def _overlaps(offset: int, count: int, start: int, size: int) -> bool:

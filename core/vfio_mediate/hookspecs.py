@@ -154,6 +154,26 @@ def mediator_reset(handle: Any) -> None:
 
 
 @hookspec
+def mediator_irq_observe(handle: Any, index: int) -> Any:
+    """Return the vectors of IRQ index ``index`` (INTX 0, MSI 1, MSIX 2, ...) whose interrupts
+    this mediator must see (an iterable of ints), or ``None`` for none.
+
+    Asked whenever a client routes vectors of ``index``. A vector not returned goes straight
+    from the device to the client's eventfd (for a device bound to vfio-pci the kernel signals
+    it and no Python runs); an observed one is relayed: each interrupt calls ``mediator_irq``
+    first, then reaches the client.
+    """
+
+
+@hookspec
+def mediator_irq(handle: Any, index: int, vector: int) -> Any:
+    """An observed vector fired (see ``mediator_irq_observe``). Return ``False`` to swallow the
+    interrupt (the client does not see it); anything else forwards it. Keep it short: it runs
+    on the relay thread, once per interrupt.
+    """
+
+
+@hookspec
 def mediator_migration_flags(handle: Any) -> Any:
     """Return the migration v2 flags this mediator supports for the device (STOP_COPY 1 |
     P2P 2 | PRE_COPY 4), or ``None`` if it does not migrate the device.

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -64,3 +65,36 @@ def test_provisioning_without_network_says_so(qemu_root: Any, tmp_path: Path) ->
     line = one_line_error(result)
     assert "debootstrap failed" in line and "mirror reachable" in line, result.stderr
     assert not (tmp_path / "cache" / "trixie-root" / "proc" / "cpuinfo").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_a_provision_without_the_added_packages_asks_for_root_once(
+    provisioner: ModuleType,
+) -> None:
+    # outside pytest's own temporary root (mode 0700) so that "nobody" can read the stamp
+    tmp_path = Path(tempfile.mkdtemp(prefix="vfio-mediate-stamp-"))
+    try:
+        check_old_stamp(provisioner, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def check_old_stamp(provisioner: ModuleType, tmp_path: Path) -> None:
+    # a finished root of this recipe made before the guest's Python packages were added
+    root = tmp_path / "cache" / "trixie-root"
+    for inner in ("usr/bin/qemu-system-x86_64", "boot/vmlinuz-test"):
+        (root / inner).parent.mkdir(parents=True, exist_ok=True)
+        (root / inner).write_text("")
+    stamp = {
+        "recipe": provisioner.RECIPE_VERSION,
+        "qemu": "/usr/bin/qemu-system-x86_64",
+        "kernel": "/boot/vmlinuz-test",
+        "bios_dir": "/usr/share/qemu",
+    }
+    (root / ".vfio-mediate-provisioned.json").write_text(json.dumps(stamp))
+    assert provisioner.load_provision(tmp_path / "cache") is None  # not reused as it is
+    for path in (tmp_path, tmp_path / "cache", root):
+        path.chmod(0o777)
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    line = one_line_error(run_script("--cache-dir", str(tmp_path / "cache"), prefix=nobody))
+    assert "lacks packages added since it was made" in line and "python3-pydantic" in line

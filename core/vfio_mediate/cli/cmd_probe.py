@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                 "device_id": backend.identity.device_id,
                 "mediator": winner.name if winner else None,
                 "distribution": winner.distribution if winner else None,
+                "dirty_tracking": device.dma_logging_source,
+                "kernel_migration": getattr(backend, "migration_feature", None),
                 "regions": [
                     region_row(info, info.index in device.mediated_regions)
                     for info in device.regions

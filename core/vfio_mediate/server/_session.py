@@ -265,13 +265,11 @@ class Session:
         self._sender.close()
         self._sock.close()
         self._framer.close()
-        dma = self.device.dma
         for iova, size in list(self._maps):
-            if dma is not None:
-                try:
-                    dma.unmap(iova, size)
-                except AccessError as exc:
-                    logger.debug("%s: unmap at close: %s", self.label, exc)
+            try:
+                self.device.dma_unmap(iova, size)
+            except OSError as exc:
+                logger.debug("%s: unmap at close: %s", self.label, exc)
         self._maps.clear()
         for (index, vector), trigger in self._triggers.items():
             try:
@@ -668,14 +666,20 @@ class Session:
         if fds:
             fd = fds.pop()
             try:
-                mapping = dma.map_fd(iova, size, fd, offset, readable=readable, writable=writable)
+                mapping = self.device.dma_map(
+                    iova, size, fd, offset, readable=readable, writable=writable
+                )
             finally:
-                # The space maps the file itself; the fd is not needed any more.
+                # The backend maps the file itself; the fd is not needed any more.
                 os.close(fd)
         else:
-            mapping = dma.map_remote(
-                iova, size, self.message_dma.memory(iova), readable=readable, writable=writable
-            )
+            try:
+                mapping = self.device.dma_map_remote(
+                    iova, size, self.message_dma.memory(iova), readable=readable, writable=writable
+                )
+            except AccessError as exc:
+                logger.warning("%s: DMA_MAP refused: %s", self.label, exc.strerror)
+                raise
         self._maps[(iova, size)] = mapping
         if logger.isEnabledFor(_DEBUG):
             how = "fd" if mapping.remote is None else "messages"
@@ -700,7 +704,7 @@ class Session:
         for key in targets:
             del self._maps[key]
             if dma is not None:
-                dma.unmap(*key)
+                self.device.dma_unmap(*key)
         self._respond(msg_id, Command.DMA_UNMAP, flags, payload[: DMA_UNMAP.size])
 
     # -- region access (the hot path: no validation beyond bounds, no formatting) -------
@@ -812,9 +816,9 @@ class Session:
             chosen = payload[IRQ_SET.size : IRQ_SET.size + count]
             for vector, value in enumerate(chosen, start):
                 if value:
-                    self.device.fire_irqs(index, vector, 1)
+                    self.device.backend.fire_irqs(index, vector, 1)
         else:
-            self.device.fire_irqs(index, start, count)
+            self.device.backend.fire_irqs(index, start, count)
         self._respond(msg_id, Command.DEVICE_SET_IRQS, flags)
 
     def _assign_triggers(self, index: int, start: int, fds: list[int]) -> None:

@@ -290,6 +290,10 @@ class EventfdTrigger:
                 except OSError as exc:
                     logger.debug("irq eventfd %d write failed: %s", self._fd, exc)
 
+    def fileno(self) -> int:
+        """The eventfd (for a backend that hands it to the kernel; it stays owned here)."""
+        return self._fd
+
     def close(self) -> None:
         """Close the eventfd; later calls do nothing (a device may still hold the trigger)."""
         with self._lock:
