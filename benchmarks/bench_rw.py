@@ -46,16 +46,13 @@ class PassThrough:
         return None
 
 
-def measure(label: str, call: Any, number: int) -> float:
-    best = min(timeit.repeat(call, number=number, repeat=5)) / number * 1e9
-    print(f"{label:<52} {best:8.0f} ns")
-    return best
+def best_ns(call: Any, number: int) -> float:
+    """Nanoseconds per call, best of five runs of ``number``."""
+    return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", "--number", type=int, default=200_000)
-    number = parser.parse_args().number
+def measurements(number: int) -> dict[str, float]:
+    """Nanoseconds per 4-byte read on each path."""
     backend = EmulatedPciDevice(SPEC)
     registry = MediatorRegistry()
     registry.register(PassThrough(), "pass")
@@ -72,19 +69,25 @@ def main() -> None:
         result = hook(handle=None, index=0, offset=0x10, count=4, data=None, is_write=False)
         return result if result is not None else backend.read(0, 0x10, 4)
 
+    try:
+        return {
+            "direct backend call (floor)": best_ns(lambda: backend.read(2, 0x10, 4), number),
+            "MediatedDevice, unmediated region": best_ns(lambda: device.read(2, 0x10, 4), number),
+            "MediatedDevice, mediated region": best_ns(lambda: device.read(0, 0x10, 4), number),
+            "pluggy dispatch per access (RFC style)": best_ns(rfc_style, number),
+        }
+    finally:
+        device.close()
+        backend.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", "--number", type=int, default=200_000)
+    number = parser.parse_args().number
     print(f"4-byte region read, best of 5 x {number}:")
-    floor = measure("direct backend call (floor)", lambda: backend.read(2, 0x10, 4), number)
-    plain = measure("MediatedDevice, unmediated region", lambda: device.read(2, 0x10, 4), number)
-    mediated = measure(
-        "MediatedDevice, mediated region (pass through)", lambda: device.read(0, 0x10, 4), number
-    )
-    rfc = measure("pluggy firstresult dispatch per access (RFC style)", rfc_style, number)
-    print(
-        f"unmediated / floor = {plain / floor:.2f}x, mediated / floor = {mediated / floor:.2f}x, "
-        f"RFC style / mediated = {rfc / mediated:.2f}x"
-    )
-    device.close()
-    backend.close()
+    for label, value in measurements(number).items():
+        print(f"{label:<52} {value:8.0f} ns")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""Region reads over the vfio-user socket against their floors.
+"""Round trips over the vfio-user socket: against their floor, through ``VfioUserClient``, and
+against libvfio-user's C server.
 
-Run: ``python benchmarks/bench_socket.py``. The server is ``vfio-mediate serve`` in a process of
-its own, as a VMM would meet it. Floors (DESIGN.md, "Performance model"): a bare Python
-UNIX-socket ping-pong of the same message sizes for small accesses, and a memory copy for a
-large one. Mapped areas never touch the socket; the last line shows that path too.
+Run: ``python benchmarks/bench_socket.py [--peer PATH]`` (or through ``run.py``). The server is
+``vfio-mediate serve`` in a process of its own, as a VMM would meet it. The floor is a bare
+blocking Python UNIX-socket ping-pong of a config read's sizes. Each measure is taken in short
+slices, alternating between the targets, over many rounds; a figure is the median over rounds.
+With ``--peer PATH`` (libvfio-user's ``samples/gpio-pci-idio-16``, built by hand) the same raw
+client drives both servers and ``ours_over_c`` is the median of per-round speed ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-import socket
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,6 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import raw_client
+from raw_client import CONFIG_REGION, RawClient, region_info, region_read, region_write
 
 from vfio_mediate.server import VfioUserClient
 from vfio_mediate.uapi import RegionIndex
@@ -38,39 +47,24 @@ while True:
     conn.sendall(reply)
 """
 
-# The same echo on an asyncio loop's reader callback, the way the server waits for requests.
-ASYNCIO_ECHO_SERVER = """
-import asyncio, socket, sys
-async def main():
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sys.argv[1]); listener.listen(1); listener.setblocking(False)
-    loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(listener)
-    conn.setblocking(False)
-    done, reply = loop.create_future(), b"r" * int(sys.argv[3])
-    def readable():
-        if not conn.recv(65536):
-            loop.remove_reader(conn.fileno()); done.set_result(None)
-        else:
-            conn.send(reply)
-    loop.add_reader(conn.fileno(), readable)
-    await done
-asyncio.run(main())
-"""
-
-
-def best(call: Callable[[], object], number: int) -> float:
-    """Best of five runs, nanoseconds per call."""
-    results = []
-    for _ in range(5):
-        start = time.perf_counter_ns()
-        for _ in range(number):
-            call()
-        results.append((time.perf_counter_ns() - start) / number)
-    return min(results)
-
-
 STARTUP_TIMEOUT = 30.0
+SLICE = 1000
+"""Round trips per slice: short (some 10-30 ms), so that every target sees the same load."""
+_INTERRUPT_LINE = 0x3C
+_LINE_VALUE = b"\x0b\0\0\0"  # interrupt line 11 (pin, min_gnt, max_lat are read-only)
+_C_BAR = 2  # gpio-pci-idio-16's one BAR (256 bytes)
+PEER_TARGET_MEASURES = ("config_read_4", "config_write_4", "bar_read_256", "region_info")
+
+# name: (our request, the C server's request or None)
+MEASURES: dict[str, tuple[bytes, bytes | None]] = {
+    "config_read_4": (region_read(CONFIG_REGION, 0, 4),) * 2,
+    "config_write_4": (region_write(CONFIG_REGION, _INTERRUPT_LINE, _LINE_VALUE),) * 2,
+    "bar_read_256": (region_read(RegionIndex.BAR0, 0x1000, 256), region_read(_C_BAR, 0, 256)),
+    "bar_read_4096": (region_read(RegionIndex.BAR0, 0x1000, 4096), None),
+    # BAR3 (the MSI-X table) is not mediated: the engine's cost without the i40e model's
+    "msix_bar_read_256": (region_read(RegionIndex.BAR3, 0, 256), region_read(_C_BAR, 0, 256)),
+    "region_info": (region_info(CONFIG_REGION),) * 2,
+}
 
 
 def wait_for_serve(process: subprocess.Popen[str]) -> None:
@@ -87,79 +81,158 @@ def wait_for_serve(process: subprocess.Popen[str]) -> None:
     raise SystemExit(f"vfio-mediate serve did not start (exit status {process.wait()})")
 
 
-def connect_when_listening(path: Path, process: subprocess.Popen[bytes]) -> socket.socket:
-    """Connect to an echo server, retrying until it listens: it binds (the file appears)
-    before it listens."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        pinger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def serve_command() -> str:
+    """The ``vfio-mediate`` command next to this Python."""
+    return shutil.which("vfio-mediate") or str(Path(sys.executable).parent / "vfio-mediate")
+
+
+def timed_slice(call: Callable[[], object], number: int) -> float:
+    """Microseconds per call over ``number`` calls."""
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - start) / number * 1e6
+
+
+def raw_call(client: RawClient, request: bytes) -> Callable[[], object]:
+    call = client.call_bytes
+    return lambda: call(request)
+
+
+def client_calls(client: VfioUserClient) -> dict[str, Callable[[], object]]:
+    """The measures through ``VfioUserClient``."""
+    return {
+        "config_read_4": lambda: client.read(CONFIG_REGION, 0, 4),
+        "config_write_4": lambda: client.write(CONFIG_REGION, _INTERRUPT_LINE, _LINE_VALUE),
+        "bar_read_256": lambda: client.read(RegionIndex.BAR0, 0x1000, 256),
+        "bar_read_4096": lambda: client.read(RegionIndex.BAR0, 0x1000, 4096),
+        "msix_bar_read_256": lambda: client.read(RegionIndex.BAR3, 0, 256),
+        "region_info": lambda: client.region_info(CONFIG_REGION),
+    }
+
+
+def rounds_of(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Per call, the time of one slice in each round; the calls alternate within a round (in
+    an order that turns every round, so that none always follows the same one)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for number in range(rounds):
+        turned = names[number % len(names) :] + names[: number % len(names)]
+        for name in turned:
+            times[name].append(timed_slice(calls[name], SLICE))
+    return times
+
+
+def start_peer(peer: Path, path: Path) -> subprocess.Popen[bytes]:
+    """libvfio-user's sample server on ``path``."""
+    return subprocess.Popen(
+        [str(peer), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def measurements(rounds: int, peer: Path | None) -> dict[str, Any]:
+    """Microseconds per round trip (median of rounds) of every measure and target, the
+    VfioUserClient/raw ratios, and with ``peer`` the median of per-round ours/C speed ratios."""
+    with tempfile.TemporaryDirectory() as directory:
+        ours_path = Path(directory) / "vf.sock"
+        client_path = Path(directory) / "vf-client.sock"
+        echo_path = Path(directory) / "echo.sock"
+        c_path = Path(directory) / "c.sock"
+        # one device for the raw client, one for VfioUserClient (a client per device)
+        devices = ("--device", "i40e-vf", "--device", "i40e-vf")
+        sockets = ("--socket", str(ours_path), "--socket", str(client_path))
+        server = subprocess.Popen(
+            [serve_command(), "serve", *devices, *sockets],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        # a REGION_READ of 4 bytes: 16 + 16 byte request, 16 + 16 + 4 byte reply
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_path), "32", "36"])
+        peer_process = start_peer(peer, c_path) if peer is not None else None
         try:
-            pinger.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            pinger.close()
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the echo server at {path} did not start") from None
-            time.sleep(0.02)
-        else:
-            return pinger
+            wait_for_serve(server)
+            c = c_path if peer is not None else None
+            return _measure(ours_path, client_path, echo_path, c, rounds)
+        finally:
+            for process in (server, echo, peer_process):
+                if process is not None:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait()
+
+
+def _measure(
+    ours_path: Path, client_path: Path, echo_path: Path, c_path: Path | None, rounds: int
+) -> dict[str, Any]:
+    ours = RawClient(raw_client.connect(ours_path))
+    calls: dict[str, Callable[[], object]] = {
+        f"raw {name}": raw_call(ours, request) for name, (request, _) in MEASURES.items()
+    }
+    echo = raw_client.connect_plain(echo_path)
+    ping = b"q" * 32
+
+    def ping_pong() -> None:
+        echo.sendall(ping)
+        got = 0
+        while got < 36:
+            got += len(echo.recv(36 - got))
+
+    calls["floor ping-pong 32 B -> 36 B"] = ping_pong
+    client = VfioUserClient.connect(client_path)
+    for name, call in client_calls(client).items():
+        calls[f"VfioUserClient {name}"] = call
+    if c_path is not None:
+        c = RawClient(raw_client.connect(c_path))
+        for name, (_, request) in MEASURES.items():
+            if request is not None:
+                calls[f"C {name}"] = raw_call(c, request)
+    for call in calls.values():  # warm up every path once
+        timed_slice(call, 50)
+    times = rounds_of(calls, rounds)
+    mapped_us = _mapped_read(client)
+    client.close()
+    echo.close()
+    report: dict[str, Any] = {
+        "us": {name: statistics.median(values) for name, values in times.items()},
+        "client_over_raw": {
+            name: statistics.median(
+                c / r
+                for c, r in zip(times[f"VfioUserClient {name}"], times[f"raw {name}"], strict=True)
+            )
+            for name in MEASURES
+        },
+        "mapped_read_4_us": mapped_us,
+    }
+    report["us"]["mapped read 4 B (no socket)"] = mapped_us
+    if c_path is not None:
+        report["ours_over_c"] = {}
+        for name in MEASURES:
+            if f"C {name}" in times:
+                ratios = [
+                    c / o for c, o in zip(times[f"C {name}"], times[f"raw {name}"], strict=True)
+                ]
+                report["ours_over_c"][name] = {
+                    "median": statistics.median(ratios),
+                    "rounds": ratios,
+                }
+    return report
+
+
+def _mapped_read(client: VfioUserClient) -> float:
+    info = client.region_info(RegionIndex.BAR0)
+    area = info.mmap_areas()[0]
+    mapped = client.map_area(RegionIndex.BAR0, area.offset, area.size)
+    try:
+        return min(timed_slice(lambda: mapped[0:4], 20_000) for _ in range(5))
+    finally:
+        mapped.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", "--number", type=int, default=5000)
-    number = parser.parse_args().number
-    command = shutil.which("vfio-mediate") or str(Path(sys.executable).parent / "vfio-mediate")
-    with tempfile.TemporaryDirectory() as directory:
-        vf = Path(directory) / "vf.sock"
-        echo = Path(directory) / "echo.sock"
-        aecho = Path(directory) / "aecho.sock"
-        server = subprocess.Popen(
-            [command, "serve", "--socket", str(vf)], stdout=subprocess.PIPE, text=True
-        )
-        # a REGION_READ of 4 bytes: 16 + 16 byte request, 16 + 16 + 4 byte reply
-        floor = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo), "32", "36"])
-        afloor = subprocess.Popen(
-            [sys.executable, "-c", ASYNCIO_ECHO_SERVER, str(aecho), "32", "36"]
-        )
-        try:
-            wait_for_serve(server)
-            pingers = [connect_when_listening(echo, floor), connect_when_listening(aecho, afloor)]
-            request = b"q" * 32
-
-            def ping(pinger: socket.socket) -> None:
-                pinger.sendall(request)
-                got = 0
-                while got < 36:
-                    got += len(pinger.recv(36 - got))
-
-            with VfioUserClient.connect(vf) as client:
-                bare = best(lambda: ping(pingers[0]), number)
-                bare_asyncio = best(lambda: ping(pingers[1]), number)
-                read4 = best(lambda: client.read(RegionIndex.CONFIG, 0, 4), number)
-                size = 0x1000
-                bulk = best(lambda: client.read(RegionIndex.BAR0, 0x1000, size), number // 5)
-                source = bytes(size)
-                copy = best(lambda: bytearray(source), number)
-                info = client.region_info(RegionIndex.BAR0)
-                area = info.mmap_areas()[0]
-                mapped = client.map_area(RegionIndex.BAR0, area.offset, area.size)
-                mapped_read = best(lambda: mapped[0:4], number)
-                mapped.close()
-            for pinger in pingers:
-                pinger.close()
-        finally:
-            for process in (server, floor, afloor):
-                process.terminate()
-                process.wait()
-    print(f"bare UNIX-socket ping-pong, 32 B -> 36 B (floor)   {bare / 1000:8.1f} us")
-    print(f"the same echo on an asyncio reader callback        {bare_asyncio / 1000:8.1f} us")
-    print(
-        f"REGION_READ 4 bytes of config space               {read4 / 1000:8.1f} us"
-        f"  ({read4 / bare:.2f}x floor, {read4 / bare_asyncio:.2f}x asyncio floor)"
-    )
-    print(f"REGION_READ 4 KiB of BAR0                          {bulk / 1000:8.1f} us")
-    print(f"memory copy of 4 KiB (floor for bulk)             {copy / 1000:8.1f} us")
-    print(f"read of a mapped BAR0 area (no socket)            {mapped_read / 1000:8.3f} us")
+    parser.add_argument("--peer", type=Path, metavar="PATH")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    print(json.dumps(measurements(args.rounds, args.peer), indent=1))
 
 
 if __name__ == "__main__":

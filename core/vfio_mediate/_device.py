@@ -237,9 +237,13 @@ class MediatedDevice:
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set (or with ``None`` unset) the triggers of vectors ``start`` onward; a vector the
-        mediator observes reaches it first (see ``IrqRouting``). Raising vectors is the
-        backend's (``backend.fire_irqs``)."""
+        mediator observes reaches it first (see ``IrqRouting``)."""
         self._irqs.set_triggers(index, start, triggers)
+
+    def fire_irqs(self, index: int, start: int, count: int) -> None:
+        """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index`` (the
+        backend does; here because the server asks it of any served device)."""
+        self.backend.fire_irqs(index, start, count)
 
     # -- DMA: the backend owns it (a real device maps into its IOMMU) ------------------------
 

@@ -101,7 +101,8 @@ def mediator_get_region_info(handle: Any, info: dict[str, Any]) -> Any:
     MMAP 4), ``size``, ``offset`` (file offset), ``sparse_mmap`` (``None`` or a list of
     ``[offset, size]`` areas that may be mapped), ``type`` (``None`` or ``[type, subtype]``) and
     ``msix_mappable`` (bool). Called for every region the device has (CONFIG, BARs, ROM, VGA),
-    at open and whenever a client asks.
+    at open and whenever a client asks (the vfio-user server answers asks with nothing between
+    them that could change the answer, i.e. only reads and info requests, from the last one).
 
     Rules (``region-info-valid``): keep ``index``, ``size`` and ``offset``; areas page-aligned,
     inside the region and not overlapping; no flag the device does not have; only take mapped

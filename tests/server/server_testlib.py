@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -22,6 +28,9 @@ REG_BOOM = 0x20
 """A write here makes the test mediator raise (a plugin bug)."""
 REG_STALL = 0x28
 """A write here makes the test mediator wait until its ``release`` is set (a slow device)."""
+REG_SPIN = 0x30
+"""A read here keeps the test mediator busy (holding the interpreter) for ``SPIN`` seconds."""
+SPIN = 0.001
 CMD_COPY, CMD_FILL = 1, 2
 TRAPPED_BY_MEDIATOR = 1
 """BAR0 page that the device lets clients map but the test mediator traps."""
@@ -104,6 +113,8 @@ class TrapMediator:
         self.handles: list[TrapHandle] = []
         self.stalled = threading.Event()
         self.release = threading.Event()
+        self.states: dict[str, int] = {}
+        """The migration state each device was last moved to, whichever handle moved it."""
 
     @hookimpl
     def mediator_open(self, device: Any) -> TrapHandle | None:
@@ -151,6 +162,10 @@ class TrapMediator:
             handle.counter += 1
         else:
             handle.reads.append((offset, count))
+            if offset == REG_SPIN:
+                end = time.perf_counter() + SPIN
+                while time.perf_counter() < end:
+                    pass
         return None
 
     @hookimpl
@@ -159,6 +174,7 @@ class TrapMediator:
 
     @hookimpl
     def mediator_set_state(self, handle: TrapHandle, current: int, new: int) -> Any:
+        self.states[handle.device.name] = new
         if new in (3, 6):  # STOP_COPY, PRE_COPY: the saving arcs
             registers = handle.device.read(0, 0, REG_BOOM)
             trapped_page = handle.device.read(0, TRAPPED_BY_MEDIATOR * PAGE, 64)
@@ -191,3 +207,51 @@ class TrapMediator:
 def open_fds() -> set[int]:
     """This process's open fds."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+STARTUP_TIMEOUT = 30.0
+
+
+def serve_command(*arguments: str) -> list[str]:
+    script = shutil.which("vfio-mediate", path=str(Path(sys.executable).parent))
+    if script is not None:
+        return [script, *arguments]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from vfio_mediate.cli import main; sys.exit(main())",
+        *arguments,
+    ]
+
+
+def start(
+    arguments: list[str], env: dict[str, str] | None = None, *, max_fds: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start ``vfio-mediate`` with ``arguments`` (with ``max_fds``, under that RLIMIT_NOFILE)
+    and return it with its output up to "Ctrl-C stops"."""
+
+    def limit() -> None:
+        if max_fds is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
+    process = subprocess.Popen(
+        serve_command(*arguments),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=limit,
+    )
+    assert process.stdout is not None
+    watchdog = threading.Timer(STARTUP_TIMEOUT, process.kill)
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        while not lines or not lines[-1].startswith("Ctrl-C stops"):
+            line = process.stdout.readline()
+            if not line:
+                raise AssertionError(f"the server did not start: {process.communicate()}")
+            lines.append(line)
+    finally:
+        watchdog.cancel()
+    return process, "".join(lines)

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import struct
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
+from server_testlib import start
 
-from vfio_mediate import AccessError
+from vfio_mediate import AccessError, ProtocolError
 from vfio_mediate.server import VfioUserClient
 
-STARTUP_TIMEOUT = 30.0
 NO_SUCH_REGION = 42
-
-
-def serve_command(*arguments: str) -> list[str]:
-    script = shutil.which("vfio-mediate", path=str(Path(sys.executable).parent))
-    if script is not None:
-        return [script, *arguments]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from vfio_mediate.cli import main; sys.exit(main())",
-        *arguments,
-    ]
-
-
-def start(
-    arguments: list[str], env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    """Start the server and return it with its output up to "Ctrl-C stops"."""
-    process = subprocess.Popen(
-        serve_command(*arguments),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    watchdog = threading.Timer(STARTUP_TIMEOUT, process.kill)
-    watchdog.start()
-    lines: list[str] = []
-    try:
-        while not lines or not lines[-1].startswith("Ctrl-C stops"):
-            line = process.stdout.readline()
-            if not line:
-                raise AssertionError(f"the server did not start: {process.communicate()}")
-            lines.append(line)
-    finally:
-        watchdog.cancel()
-    return process, "".join(lines)
 
 
 def stop(process: subprocess.Popen[str], signum: int) -> tuple[int, str]:
@@ -81,6 +39,26 @@ def test_serve_a_device_until_ctrl_c(socket_dir: Path) -> None:
     sessions = [line for line in stderr.splitlines() if "session of pid" in line]
     assert len(sessions) == 1, stderr
     assert "refused" not in stderr, "without -v a refused request is not logged"
+
+
+def test_ctrl_c_with_clients_connected_ends_their_sessions_and_exits(socket_dir: Path) -> None:
+    first, second = socket_dir / "a.sock", socket_dir / "b.sock"
+    devices = ["--device", "i40e-vf", "--device", "i40e-vf"]
+    process, _ = start(["serve", *devices, "--socket", str(first), "--socket", str(second)])
+    clients = [VfioUserClient.connect(first), VfioUserClient.connect(second)]
+    try:
+        for client in clients:
+            client.read(7, 0, 4)  # both sessions are up and idle in their reads
+        status, stderr = stop(process, signal.SIGINT)
+        assert status == 0, stderr
+        ended = [line for line in stderr.splitlines() if "the server stops serving" in line]
+        assert len(ended) == 2, stderr
+        for client in clients:
+            with pytest.raises(ProtocolError, match="the server closed the connection"):
+                client.read(7, 0, 4)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_verbose_serve_logs_each_refused_request(socket_dir: Path) -> None:

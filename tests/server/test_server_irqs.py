@@ -59,7 +59,7 @@ def test_msix_vectors_fire_the_clients_eventfds(
     client = connect(test_endpoint)
     client.set_irq_eventfds(MSIX, 0, eventfds)
     device = test_endpoint.device
-    device.backend.fire_irqs(MSIX, 2, 1)
+    device.fire_irqs(MSIX, 2, 1)
     assert fired(eventfds[2]) == 1
     assert fired(eventfds[1], 0.05) == 0
     device.backend.raise_msix(3)  # the model's own way, as a device raises an interrupt
@@ -82,14 +82,14 @@ def test_deassigned_and_disabled_vectors_do_not_fire(
     client.set_irq_eventfds(MSIX, 0, eventfds)
     client.clear_irq_eventfds(MSIX, 1, 1)
     device = test_endpoint.device
-    device.backend.fire_irqs(MSIX, 0, 2)
+    device.fire_irqs(MSIX, 0, 2)
     assert (fired(eventfds[0]), fired(eventfds[1], 0.05)) == (1, 0)
     pba = device.backend.read(2, 4096, 1)[0]
     assert pba & 0b10, "a vector without a trigger is left pending"
     client.set_irq_eventfds(MSIX, 1, eventfds[1:2])
     assert fired(eventfds[1]) == 1, "the pending vector fires when its eventfd comes"
     client.disable_irqs(MSIX)
-    device.backend.fire_irqs(MSIX, 0, MSIX_VECTORS)
+    device.fire_irqs(MSIX, 0, MSIX_VECTORS)
     assert not any(fired(fd, 0.02) for fd in eventfds)
 
 
@@ -100,7 +100,7 @@ def test_masked_msix_vector_stays_pending(
     client.set_irq_eventfds(MSIX, 0, eventfds)
     control = Config.MSIX_CAP + Config.MSIX_CONTROL
     client.write(7, control, struct.pack("<H", Config.MSIX_ENABLE | Config.MSIX_FUNCTION_MASK))
-    test_endpoint.device.backend.fire_irqs(MSIX, 0, 1)
+    test_endpoint.device.fire_irqs(MSIX, 0, 1)
     assert fired(eventfds[0], 0.05) == 0
 
 
@@ -137,7 +137,7 @@ def test_session_end_closes_its_eventfds(
     client.close()
     assert test_endpoint.wait_idle(2)
     assert open_fds() == before
-    test_endpoint.device.backend.fire_irqs(MSIX, 0, 1)
+    test_endpoint.device.fire_irqs(MSIX, 0, 1)
     assert fired(eventfds[0], 0.02) == 0
 
 
@@ -155,7 +155,7 @@ def test_an_fd_that_is_not_an_eventfd_is_refused_and_closed(
                 client.set_irq_eventfds(MSIX, 0, [eventfds[0], wrong])
             assert refused.value.errno == errno.EINVAL
         assert open_fds() == before, "the server closed every fd of a refused SET_IRQS"
-        test_endpoint.device.backend.fire_irqs(MSIX, 0, 1)
+        test_endpoint.device.fire_irqs(MSIX, 0, 1)
         assert fired(eventfds[0], 0.05) == 0, "a refused SET_IRQS assigns no vector"
         client.set_irq_eventfds(MSIX, 0, eventfds[:2])
         assert fired(eventfds[0]) == 1, "the vector left pending fires now"
@@ -174,7 +174,7 @@ def test_a_saturated_blocking_eventfd_does_not_block_the_server(
     try:
         client.set_irq_eventfds(MSIX, 0, [blocking])
         os.eventfd_write(blocking, EVENTFD_MAX)  # the client itself fills the counter
-        client.trigger_irqs(MSIX, 0, 1)  # fired on the event loop thread
+        client.trigger_irqs(MSIX, 0, 1)  # fired on the session's thread
         assert client.device_info().num_regions == 9
         assert os.eventfd_read(blocking) == EVENTFD_MAX, "an interrupt was pending already"
         client.trigger_irqs(MSIX, 0, 1)

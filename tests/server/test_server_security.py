@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import warnings
 from collections.abc import Callable
@@ -215,3 +216,38 @@ async def welcome_waits_for_the_last_session(endpoint: DeviceEndpoint) -> None:
             awaiting = getattr(awaiting, "cr_await", None)
         await asyncio.sleep(0.01)
     raise AssertionError("the server never waited for the last session")
+
+
+VERSION_PROBE = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    sock.connect(sys.argv[1])
+except PermissionError:
+    sys.exit(13)
+sock.sendall(struct.pack("<HHIIIHH", 1, 1, 20, 0, 0, 0, 0))
+reply = sock.recv(16)
+sys.exit(0 if len(reply) == 16 and struct.unpack("<HHIII", reply)[3] == 1 else 1)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other users")
+def test_allow_uid_opens_the_socket_to_that_user_only(
+    make_test_device: Callable[[str], MediatedDevice], socket_dir: Path
+) -> None:
+    allowed, stranger = 64_123, 64_124
+    with BackgroundServer(allow_uids=[os.geteuid(), allowed]) as shared:
+        endpoint = shared.add(make_test_device("svtest-shared"), socket_dir / "shared.sock")
+        mode = endpoint.path.stat().st_mode
+        assert not mode & (stat.S_IRWXO), "nothing for others"
+        assert not socket_dir.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+        def probe(uid: int) -> int:
+            # /usr/bin/python3: the test's own interpreter may live where uid cannot read.
+            command = ["/usr/bin/python3", "-c", VERSION_PROBE, str(endpoint.path)]
+            return subprocess.run(command, user=uid, group=uid, timeout=30).returncode
+
+        assert probe(allowed) == 0, "the allowed user negotiates"
+        assert endpoint.wait_idle(2) and endpoint.sessions_served == 1
+        assert probe(stranger) == 13, "anyone else cannot even connect"
+        assert endpoint.refused == 0

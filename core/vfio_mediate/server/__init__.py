@@ -1,9 +1,12 @@
 """Serve mediated devices to a VMM over vfio-user (QEMU's ``-device vfio-user-pci``).
 
-``VfioUserServer`` serves each ``MediatedDevice`` on a UNIX socket of its own from an asyncio
-loop (``BackgroundServer`` runs one on a thread for blocking code); ``VfioUserClient`` speaks
-the protocol from Python. ``_codec`` holds the wire format, once. The server logs under
-``LOGGER_NAME``, one line per session under ``SESSIONS_LOGGER_NAME``.
+``VfioUserServer`` serves each ``MediatedDevice`` on a UNIX socket of its own: it accepts on an
+asyncio loop (``BackgroundServer`` runs one on a thread for blocking code) and runs each
+``Session`` on a thread of its own (``_engine``: reading, framing, dispatching; one module per
+command group: ``_negotiation``, ``_regions``, ``_dma_maps``, ``_irqs``, ``_features``; the
+device as ``_served.ServedDevice`` sees it). ``VfioUserClient`` speaks the protocol from Python.
+``_codec`` holds the wire format, once. The server logs under ``LOGGER_NAME``, one line per
+session under ``SESSIONS_LOGGER_NAME``.
 """
 
 from ._client import Message, VfioUserClient
@@ -18,9 +21,9 @@ from ._codec import (
     pack_message,
 )
 from ._config import PeerCredentials, ServerConfig
+from ._engine import Session
 from ._log import LOGGER_NAME, SESSIONS_LOGGER_NAME
 from ._server import BackgroundServer, DeviceEndpoint, VfioUserServer, check_socket_directory
-from ._session import Session
 
 __all__ = [
     "HEADER",

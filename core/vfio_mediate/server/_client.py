@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, final
 
@@ -38,7 +39,6 @@ from ._codec import (
     FEATURE_MIG_DATA_SIZE,
     FEATURE_MIG_STATE,
     FEATURE_MIGRATION,
-    HEADER,
     HEADER_SIZE,
     IRQ_INFO,
     IRQ_SET,
@@ -65,11 +65,27 @@ from ._codec import (
     pack_error,
     pack_message,
 )
-from ._transport import FD_SIZE, close_fds, received_fds
+from ._transport import FD_SIZE, Framer, close_fds, received_fds
 
 __all__ = ["Message", "VfioUserClient"]
 
 _QEMU_MAX_BITMAP_SIZE = 256 << 20
+_RECV_SIZE = 1 << 16
+_TIMEVAL = struct.Struct("@ll")
+_COMMAND, _REPLY, _ERROR = int(HeaderFlag.COMMAND), int(HeaderFlag.REPLY), int(HeaderFlag.ERROR)
+_READ, _WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
+_RW_REQUEST = struct.Struct("<HHIIIQII")
+"""A region read or write request's header and REGION_RW in one."""
+_RW_REQUEST_SIZE = _RW_REQUEST.size
+_INFO = int(Command.DEVICE_GET_REGION_INFO)
+_INFO_REQUEST = struct.Struct("<HHIIIIII")
+"""A region info request's header and the first three fields of its payload."""
+_INFO_TAIL = bytes(REGION_INFO.size - 12)
+
+
+def _refused(command: int, code: int) -> AccessError:
+    code = code or errno.EIO
+    return AccessError(code, f"{Command.name_of(command)} refused: {os.strerror(code)}")
 
 
 class Message(NamedTuple):
@@ -122,12 +138,17 @@ class VfioUserClient:
         self._timeout = timeout
         self._next_id = 0
         self._anc_space = socket.CMSG_SPACE(MAX_MSG_FDS * FD_SIZE)
+        limit = HEADER_SIZE + 64 + max(max_data_xfer_size, DEFAULT_MAX_DATA_XFER_SIZE)
+        self._framer = Framer(limit, MAX_MSG_FDS)
+        self._decoded: dict[int, tuple[bytes, RegionInfo, int]] = {}
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
         self._local_starts: list[int] = []
         self._dma_logging = False
         self.name = "vfio-user device"  # connect() names it after the socket path
-        sock.settimeout(timeout)
+        # A blocking socket with kernel timeouts: one recvmsg per reply, no poll before it.
+        sock.settimeout(None)
+        self._set_timeouts(timeout)
 
     @classmethod
     def connect(
@@ -163,6 +184,7 @@ class VfioUserClient:
         """Close the connection and every fd the server gave."""
         close_fds(list(self._region_fds.values()))
         self._region_fds.clear()
+        self._framer.close()
         self.sock.close()
 
     def __enter__(self) -> VfioUserClient:
@@ -179,37 +201,49 @@ class VfioUserClient:
         return self._next_id
 
     def send_raw(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Send bytes as they are, with ``fds`` on their first byte (for malformed input)."""
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = self.sock.sendmsg([data], ancillary)
-        if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+        """Send bytes as they are, with ``fds`` on their first byte (for malformed input);
+        ``ProtocolError`` once the server has closed the connection."""
+        try:
+            if fds:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.sock.sendmsg([data], ancillary)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
+            else:
+                self.sock.sendall(data)
+        except BlockingIOError:
+            raise TimeoutError("the server takes nothing more in time") from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
 
-    def _recv_exact(self, count: int, fds: list[int]) -> bytes:
-        chunks, got = [], 0
-        while got < count:
-            data, ancdata, _, _ = self.sock.recvmsg(count - got, self._anc_space)
-            fds.extend(received_fds(ancdata))
-            if not data:
-                raise ProtocolError("the server closed the connection")
-            chunks.append(data)
-            got += len(data)
-        return b"".join(chunks)
+    def _set_timeouts(self, timeout: float | None) -> None:
+        seconds = 0.0 if timeout is None else max(timeout, 1e-6)
+        whole = int(seconds)
+        value = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def _fill(self) -> None:
+        """One read into the framer (blocking up to the timeout: ``TimeoutError``)."""
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(_RECV_SIZE, self._anc_space)
+        except BlockingIOError:
+            raise TimeoutError("no message from the server in time") from None
+        except ConnectionResetError as exc:
+            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
+        if not data:
+            raise ProtocolError("the server closed the connection")
+        self._framer.feed(data, received_fds(ancdata) if ancdata else [])
 
     def receive(self) -> Message:
         """The next message, whatever it is (raises ``ProtocolError`` at EOF)."""
-        fds: list[int] = []
-        try:
-            header = self._recv_exact(HEADER_SIZE, fds)
-            msg_id, command, size, flags, error = HEADER.unpack(header)
-            limit = HEADER_SIZE + 64 + max(self.max_data_xfer_size, DEFAULT_MAX_DATA_XFER_SIZE)
-            if not HEADER_SIZE <= size <= limit:
-                raise ProtocolError(f"message size {size} is outside [16, {limit}]")
-            payload = self._recv_exact(size - HEADER_SIZE, fds)
-        except BaseException:
-            close_fds(fds)
-            raise
-        return Message(msg_id, command, flags, error, payload, fds)
+        framer = self._framer
+        frame = framer.next()
+        while frame is None:
+            self._fill()
+            frame = framer.next()
+        msg_id, command, flags, error, payload, fds = frame
+        return Message(msg_id, command, flags, error, payload.tobytes(), fds)
 
     def request(
         self,
@@ -232,9 +266,42 @@ class VfioUserClient:
             raise ProtocolError(f"reply to command {command} names command {reply.command}")
         if reply.is_error:
             close_fds(reply.fds)
-            code = reply.error or errno.EIO
-            raise AccessError(code, f"{Command.name_of(command)} refused: {os.strerror(code)}")
+            raise _refused(command, reply.error)
         return reply
+
+    def _exchange(self, request: bytes, msg_id: int, command: int) -> tuple[memoryview, list[int]]:
+        """Send a whole command without fds and return its reply's payload and fds (now the
+        caller's), serving the server's commands meanwhile: nothing on the way beyond the
+        codec."""
+        self.send_raw(request)
+        framer = self._framer
+        while True:
+            frame = framer.next()
+            if frame is None:
+                self._fill()
+                continue
+            reply_id, reply_command, flags, error, payload, fds = frame
+            if flags & TYPE_MASK == _COMMAND:
+                self._serve(Message(reply_id, reply_command, flags, error, payload.tobytes(), fds))
+                continue
+            if flags & TYPE_MASK != _REPLY or reply_id != msg_id or reply_command != command:
+                close_fds(fds)
+                raise ProtocolError(
+                    f"unexpected message {reply_id, reply_command, flags} while waiting for "
+                    f"the reply to {msg_id}"
+                )
+            if flags & _ERROR:
+                close_fds(fds)
+                raise _refused(command, error)
+            return payload, fds
+
+    def _transact(self, request: bytes, msg_id: int, command: int) -> memoryview:
+        """``_exchange`` of a command whose reply brings no fds."""
+        payload, fds = self._exchange(request, msg_id, command)
+        if fds:
+            close_fds(fds)
+            raise ProtocolError(f"reply to command {command} brought fds")
+        return payload
 
     def wait_reply(self, msg_id: int) -> Message:
         """Read until the reply to ``msg_id``, serving server commands on the way."""
@@ -253,7 +320,7 @@ class VfioUserClient:
         """Serve the server's requests that arrive within ``timeout`` seconds; returns how many
         were served."""
         served = 0
-        self.sock.settimeout(timeout)
+        self._set_timeouts(timeout)
         try:
             while True:
                 try:
@@ -266,7 +333,7 @@ class VfioUserClient:
                 self._serve(message)
                 served += 1
         finally:
-            self.sock.settimeout(self._timeout)
+            self._set_timeouts(self._timeout)
 
     def _serve(self, message: Message) -> None:
         """Answer a server command: DMA_READ/DMA_WRITE from local memory, anything else ENOSYS
@@ -353,14 +420,14 @@ class VfioUserClient:
     def region_info_raw(self, index: int, argsz: int) -> tuple[bytes, int | None]:
         """One GET_REGION_INFO with ``argsz``: the reply payload and the fd it brought (now the
         caller's)."""
-        reply = self.request(
-            Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(argsz, 0, index, 0, 0, 0)
-        )
-        assert reply is not None
-        if len(reply.fds) > 1:
-            close_fds(reply.fds)
-            raise ProtocolError(f"region info brought {len(reply.fds)} fds")
-        return reply.payload, reply.fds[0] if reply.fds else None
+        msg_id = self.next_id()
+        size = HEADER_SIZE + REGION_INFO.size
+        request = _INFO_REQUEST.pack(msg_id, _INFO, size, 0, 0, argsz, 0, index)
+        payload, fds = self._exchange(request + _INFO_TAIL, msg_id, _INFO)
+        if len(fds) > 1:
+            close_fds(fds)
+            raise ProtocolError(f"region info brought {len(fds)} fds")
+        return payload.tobytes(), fds[0] if fds else None
 
     def region_info(self, index: int) -> RegionInfo:
         """GET_REGION_INFO (asking again with a bigger argsz when the caps do not fit, as QEMU
@@ -368,7 +435,13 @@ class VfioUserClient:
         argsz = REGION_INFO.size
         while True:
             payload, fd = self.region_info_raw(index, argsz)
-            info, wanted = decode_region_info(payload)
+            # The same reply decodes to the same (immutable) info: decode each reply once.
+            known = self._decoded.get(index)
+            if known is not None and known[0] == payload:
+                info, wanted = known[1], known[2]
+            else:
+                info, wanted = decode_region_info(payload)
+                self._decoded[index] = (payload, info, wanted)
             if wanted <= argsz:
                 break
             if fd is not None:
@@ -420,21 +493,26 @@ class VfioUserClient:
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         """REGION_READ: ``count`` bytes of region ``index`` at ``offset``."""
-        reply = self._call(Command.REGION_READ, REGION_RW.pack(offset, index, count))
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        request = _RW_REQUEST.pack(msg_id, _READ, _RW_REQUEST_SIZE, 0, 0, offset, index, count)
+        reply = self._transact(request, msg_id, _READ)
         if len(reply) < REGION_RW.size:
             raise ProtocolError(f"REGION_READ reply of {len(reply)} bytes")
         _, _, got = REGION_RW.unpack_from(reply)
         if got > count or len(reply) != REGION_RW.size + got:
             raise ProtocolError(f"REGION_READ of {count} bytes answered with {got}")
-        return reply[REGION_RW.size :]
+        return reply[REGION_RW.size :].tobytes()
 
     def write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> int:
         """REGION_WRITE; ``posted`` sends it without waiting (no reply, errors unseen)."""
-        payload = REGION_RW.pack(offset, index, len(data)) + data
         if posted:
+            payload = REGION_RW.pack(offset, index, len(data)) + data
             self.request(Command.REGION_WRITE, payload, no_reply=True)
             return len(data)
-        reply = self._call(Command.REGION_WRITE, payload)
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        size = _RW_REQUEST_SIZE + len(data)
+        request = _RW_REQUEST.pack(msg_id, _WRITE, size, 0, 0, offset, index, len(data)) + data
+        reply = self._transact(request, msg_id, _WRITE)
         if len(reply) < REGION_RW.size:
             raise ProtocolError(f"REGION_WRITE reply of {len(reply)} bytes")
         return int(REGION_RW.unpack_from(reply)[2])

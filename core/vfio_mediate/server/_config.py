@@ -25,20 +25,21 @@ class ServerConfig:
     ``max_data_xfer_size`` is the largest data count of one region or migration data transfer
     (and of a DMA message the server sends, with the client's own limit); ``max_msg_fds`` the
     most fds one message may carry; ``max_dma_maps`` the most DMA mappings a client may hold;
-    ``dma_timeout`` how long a device waits for the client's reply to a DMA_READ/DMA_WRITE;
-    ``inline_dma_timeout`` how long it waits instead when the request is made on the event loop
-    thread (the first DMA by messages of a session, made by a command running inline): the loop
-    serves every device, so that wait stays short, and the request then fails with ETIMEDOUT
-    while the session's later commands run on its worker thread, where DMA waits up to
-    ``dma_timeout`` (whichever timeout is shorter applies); ``dma_layout`` the layout of those
-    messages (see ``DmaLayout``).
+    ``dma_timeout`` how long a device waits for the client's reply to a DMA_READ/DMA_WRITE
+    (a session's wait never holds up another device: each session has its own thread);
+    ``reply_timeout`` how long a reply may wait for a client that does not read (its socket
+    full) before the session is closed; ``max_migration_data`` the most device state bytes a
+    client may write while the device is RESUMING; ``dma_layout`` the layout of DMA messages
+    (see ``DmaLayout``). ``max_dma_maps`` is lowered per session to what the process's fd limit
+    can hold (see ``fd_budget``).
     """
 
     max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
     max_msg_fds: int = MAX_MSG_FDS
     max_dma_maps: int = DEFAULT_MAX_DMA_MAPS
     dma_timeout: float = 5.0
-    inline_dma_timeout: float = 0.2
+    reply_timeout: float = 10.0
+    max_migration_data: int = 64 << 20
     dma_layout: DmaLayout = DmaLayout.SPEC
 
     def __post_init__(self) -> None:
@@ -49,8 +50,10 @@ class ServerConfig:
             raise ValueError(f"max_msg_fds must lie in [1, {MAX_MSG_FDS}]")
         if not 1 <= self.max_dma_maps <= DEFAULT_MAX_DMA_MAPS:
             raise ValueError(f"max_dma_maps must lie in [1, {DEFAULT_MAX_DMA_MAPS}]")
-        if self.dma_timeout <= 0 or self.inline_dma_timeout <= 0:
-            raise ValueError("dma_timeout and inline_dma_timeout must be positive")
+        if self.dma_timeout <= 0 or self.reply_timeout <= 0:
+            raise ValueError("dma_timeout and reply_timeout must be positive")
+        if self.max_migration_data < 0:
+            raise ValueError("max_migration_data must not be negative")
 
     @property
     def max_message(self) -> int:

@@ -2,9 +2,9 @@
 commands the server sends and the client answers.
 
 A device's DMA is synchronous, so the thread that does it waits here for the client's reply,
-which the session's event loop thread reads and hands over. When that thread is the loop's
-own (a command running inline made the device do DMA), the session reads the reply itself
-(``wait_on_loop``), for a short time only: meanwhile no other device is served.
+which the session's thread reads and hands over. When the waiting thread is the session's own
+(a command made the device do DMA), it reads the socket itself until the reply comes
+(``wait_here``); commands arriving meanwhile wait until the command that waits has finished.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from ._codec import (
     decode_dma_read_reply,
     encode_dma_request,
 )
+from ._command import Send
 from ._log import logger
-from ._transport import Sender, close_fds
+from ._transport import close_fds
 
 __all__ = ["DMA_READ_MAX", "MessageDma"]
 
@@ -83,30 +84,25 @@ class MessageDma:
     """The DMA_READ/DMA_WRITE requests of one session and their replies.
 
     ``layout`` and ``chunk`` (the largest transfer of one message) are set at negotiation;
-    ``on_request`` runs (on the requesting thread) before a request is sent, so that the session
-    can make sure its loop reads the reply; ``wait_on_loop(event, timeout)`` waits for a reply
-    on the loop thread itself. A request waits ``timeout`` seconds for its reply, or
-    ``loop_timeout`` when made on the loop thread.
+    ``reader_thread`` is the ident of the session's thread, which reads the replies: a request
+    made there waits with ``wait_here(event, timeout)``, which reads the socket. A request
+    waits ``timeout`` seconds for its reply.
     """
 
     def __init__(
         self,
-        sender: Sender,
+        send: Send,
         label: str,
         timeout: float,
-        loop_timeout: float,
-        on_request: Callable[[], None],
-        wait_on_loop: Callable[[threading.Event, float], None],
+        wait_here: Callable[[threading.Event, float], None],
     ) -> None:
         self.layout = DmaLayout.SPEC
         self.chunk = DEFAULT_MAX_DATA_XFER_SIZE
-        self._sender = sender
+        self.reader_thread = 0
+        self._send = send
         self._label = label
         self._timeout = timeout
-        self._loop_timeout = min(loop_timeout, timeout)
-        self._on_request = on_request
-        self._wait_on_loop = wait_on_loop
-        self._loop_thread = threading.get_ident()
+        self._wait_here = wait_here
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._next_id = 0
@@ -136,26 +132,15 @@ class MessageDma:
                 msg_id = (msg_id + 1) & 0xFFFF
             self._next_id = (msg_id + 1) & 0xFFFF
             self._waiters[msg_id] = waiter
-        self._on_request()
-        self._sender.send((encode_dma_request(self.layout, msg_id, command, address, count, data),))
-        on_loop = threading.get_ident() == self._loop_thread
-        timeout = self._loop_timeout if on_loop else self._timeout
-        if on_loop:
-            self._wait_on_loop(waiter.event, timeout)
+        self._send(encode_dma_request(self.layout, msg_id, command, address, count, data))
+        timeout = self._timeout
+        if threading.get_ident() == self.reader_thread:
+            self._wait_here(waiter.event, timeout)
         else:
             waiter.event.wait(timeout)
         if not waiter.event.is_set():
             with self._lock:
                 self._waiters.pop(msg_id, None)
-            if on_loop:
-                logger.warning(
-                    "%s: no reply to %s at %#x within %s s on the event loop, which serves "
-                    "every device: the request fails; later DMA waits on the session's worker",
-                    self._label,
-                    command.name,
-                    address,
-                    timeout,
-                )
             raise AccessError(
                 errno.ETIMEDOUT,
                 f"{self._label}: no reply to {command.name} at {address:#x} within {timeout} s",

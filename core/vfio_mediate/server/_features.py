@@ -1,5 +1,10 @@
 """DEVICE_FEATURE (migration v2 state, DMA dirty logging) and MIG_DATA_READ/WRITE of a session.
 
+The device state a client writes in RESUMING is bounded (``ServerConfig.max_migration_data``:
+beyond it EFBIG). A session that ends with its device out of RUNNING (the client stopped it, or
+left in the middle of a migration) resumes it, or resets it when it cannot be resumed, and logs
+which: the next session finds the device in the state it is told.
+
 Errors follow Linux's ``VFIO_DEVICE_FEATURE``: a feature the device does not have is ENOTTY
 (what QEMU's VFIO code reports as "not supported"), an operation the feature lacks or a wrong
 size is EINVAL. Every refusal is an ``AccessError`` whose errno goes on the wire.
@@ -11,9 +16,8 @@ import errno
 from collections.abc import Callable
 from typing import final
 
-from .._device import MediatedDevice
-from .._errors import AccessError
-from ..uapi import FEATURE_MASK, PAGE_SIZE, DeviceFeature, FeatureFlag
+from .._errors import AccessError, ContractViolation
+from ..uapi import FEATURE_MASK, PAGE_SIZE, DeviceFeature, FeatureFlag, MigrationState
 from ._codec import (
     DMA_LOGGING_CONTROL,
     DMA_LOGGING_RANGE,
@@ -23,9 +27,12 @@ from ._codec import (
     FEATURE_MIG_STATE,
     FEATURE_MIGRATION,
     MIG_DATA,
+    Command,
 )
+from ._command import CommandGroup, Handler, Send
 from ._config import ServerConfig
 from ._log import logger
+from ._served import ServedDevice
 
 __all__ = ["DeviceFeatures"]
 
@@ -47,7 +54,7 @@ _MAX_LOG_BITMAP = 64 << 20
 
 
 @final
-class DeviceFeatures:
+class DeviceFeatures(CommandGroup):
     """Answers a session's feature and migration data commands from its device.
 
     ``mapped_ranges`` gives the client's DMA mappings, which a DMA_LOGGING_START without
@@ -56,15 +63,53 @@ class DeviceFeatures:
 
     def __init__(
         self,
-        device: MediatedDevice,
+        device: ServedDevice,
         config: ServerConfig,
         label: str,
+        send: Send,
         mapped_ranges: Callable[[], list[tuple[int, int]]],
     ) -> None:
-        self.device = device
-        self.config = config
-        self.label = label
+        super().__init__(device, config, label, send)
         self._mapped_ranges = mapped_ranges
+        self._loaded = 0
+        """Bytes of device state written since the device entered RESUMING."""
+
+    def handlers(self) -> dict[int, Handler]:
+        return {
+            Command.DEVICE_FEATURE: self._feature,
+            Command.MIG_DATA_READ: self._mig_data_read,
+            Command.MIG_DATA_WRITE: self._mig_data_write,
+        }
+
+    def _feature(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
+        answer = self.device_feature(payload)
+        self._respond(msg_id, Command.DEVICE_FEATURE, flags, answer)
+
+    def _mig_data_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
+        answer = self.read_migration_data(payload)
+        self._respond(msg_id, Command.MIG_DATA_READ, flags, answer)
+
+    def _mig_data_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
+        self.write_migration_data(payload)
+        self._respond(msg_id, Command.MIG_DATA_WRITE, flags)
+
+    def teardown(self) -> None:
+        device = self.device
+        state = device.migration_state
+        if state is MigrationState.RUNNING:
+            return
+        try:
+            device.set_migration_state(MigrationState.RUNNING)
+        except (OSError, ContractViolation) as exc:
+            logger.warning(
+                "%s: the client left the device in %s and it cannot resume (%s): reset",
+                self.label,
+                state.name,
+                exc,
+            )
+            device.reset()
+            return
+        logger.warning("%s: the client left the device in %s: resumed", self.label, state.name)
 
     def supported_operations(self, feature: int) -> int:
         """The GET/SET operations ``feature`` has on this device (0: it has not the feature)."""
@@ -126,7 +171,10 @@ class DeviceFeatures:
             if len(data) < FEATURE_MIG_STATE.size:
                 raise AccessError(errno.EINVAL, "MIG_DEVICE_STATE lacks the state")
             state, _ = FEATURE_MIG_STATE.unpack_from(data)
+            was = device.migration_state
             device.set_migration_state(state)
+            if was is not MigrationState.RESUMING:
+                self._loaded = 0
             logger.debug("%s: migration state %s", self.label, device.migration_state.name)
             return bytes(data)
         if feature == DeviceFeature.DMA_LOGGING_STOP:
@@ -197,4 +245,10 @@ class DeviceFeatures:
             raise AccessError(
                 errno.EINVAL, f"{size} bytes announced, {len(payload) - MIG_DATA.size} carried"
             )
+        limit = self.config.max_migration_data
+        if self._loaded + size > limit:
+            raise AccessError(
+                errno.EFBIG, f"device state over {limit} bytes (the server's max_migration_data)"
+            )
         self.device.write_migration_data(payload[MIG_DATA.size :].tobytes())
+        self._loaded += size

@@ -1,4 +1,5 @@
-"""``VfioUserServer``: serve mediated devices, one UNIX socket each, from one asyncio loop."""
+"""``VfioUserServer``: serve devices, one UNIX socket each; accepted on an asyncio loop, each
+session then on a thread of its own."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar, final
 
 from .._device import MediatedDevice
+from ._acl import grant_user
 from ._config import PeerCredentials, ServerConfig
+from ._engine import Session, fd_budget
 from ._log import logger
-from ._session import Session
 
 __all__ = ["BackgroundServer", "DeviceEndpoint", "VfioUserServer", "check_socket_directory"]
 
 _PEERCRED = struct.Struct("iII")
 _BACKLOG = 4
 _CLOSE_TIMEOUT = 10.0
+_READ_WRITE, _SEARCH = 6, 1
 _T = TypeVar("_T")
 
 
@@ -68,7 +71,9 @@ def _remove_stale_socket(path: Path) -> None:
     raise OSError(errno.EADDRINUSE, "another server listens on this socket", str(path))
 
 
-def _listen(path: Path) -> socket.socket:
+def _listen(path: Path, others: Iterable[int] = ()) -> socket.socket:
+    """Listen at ``path``: a socket of mode 0600, opened by ACL entries to the user ids
+    ``others`` (read and write on the socket, search on its directory) and nobody else."""
     check_socket_directory(path.parent)
     _remove_stale_socket(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -78,6 +83,16 @@ def _listen(path: Path) -> socket.socket:
         os.fchmod(listener.fileno(), 0o600)
         listener.bind(str(path))
         os.chmod(path, 0o600)
+        for uid in others:
+            try:
+                grant_user(path, uid, _READ_WRITE)
+                grant_user(path.parent, uid, _SEARCH)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot open the socket to uid {uid} (POSIX ACLs: {exc.strerror})",
+                    str(path),
+                ) from None
         listener.listen(_BACKLOG)
         listener.setblocking(False)
     except BaseException:
@@ -133,10 +148,12 @@ class VfioUserServer:
     """Serves ``MediatedDevice``s over vfio-user, each on its own UNIX socket, from the running
     asyncio loop.
 
-    A connection gets a ``Session`` if its peer's uid is allowed (the server's own euid unless
-    ``allow_uids`` says otherwise) and the device has no client yet; anything else is closed
-    and logged. Socket files are created with mode 0600 in a directory the user owns, and
-    removed when the device stops being served.
+    A connection gets a ``Session`` (a thread of its own) if its peer's uid is allowed (the
+    server's own euid unless ``allow_uids`` says otherwise) and the device has no client yet;
+    anything else is closed and logged. Socket files are created with mode 0600 in a directory
+    the user owns, and removed when the device stops being served; each allowed uid other than
+    the server's own gets read and write on the socket and search on its directory by a POSIX
+    ACL entry (the directory's parents must let it through), nobody else gets anything.
     """
 
     def __init__(
@@ -161,7 +178,7 @@ class VfioUserServer:
         socket_path = Path(path).absolute()
         if any(endpoint.path == socket_path for endpoint in self._endpoints):
             raise OSError(errno.EADDRINUSE, "already served by this server", str(socket_path))
-        listener = _listen(socket_path)
+        listener = _listen(socket_path, sorted(self.allow_uids - {os.geteuid()}))
         endpoint = DeviceEndpoint(device, socket_path, listener)
         endpoint._accepting = asyncio.get_running_loop().create_task(
             self._accept(endpoint), name=f"vfio-user accept {device.name}"
@@ -250,16 +267,19 @@ class VfioUserServer:
             label=f"{endpoint.name}#{endpoint.sessions_served + 1}",
             mapped_areas=endpoint.mapped_areas,
             on_closed=lambda _: _ended(endpoint),
+            max_dma_maps=fd_budget(len(self._endpoints)),
         )
+        # The session's thread may serve (and end) before this one runs again: first the books.
+        endpoint.sessions_served += 1
+        endpoint.session = session
+        endpoint._idle.clear()
         try:
             session.start()
         except Exception as exc:
             logger.error("%s: cannot open the device for pid %d: %s", endpoint.name, peer.pid, exc)
+            endpoint.sessions_served -= 1
+            _ended(endpoint)
             conn.close()
-            return
-        endpoint.sessions_served += 1
-        endpoint.session = session
-        endpoint._idle.clear()
 
 
 def _ended(endpoint: DeviceEndpoint) -> None:

@@ -1,12 +1,12 @@
-"""The socket side of a session: fds in ancillary data, and thread-safe non-blocking sends."""
+"""The socket side of a session: fds in ancillary data, framing, and thread-safe sends."""
 
 from __future__ import annotations
 
 import array
-import asyncio
 import os
 import select
 import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,7 +29,8 @@ __all__ = [
 FD_SIZE = array.array("i").itemsize
 _SCM = socket.SCM_RIGHTS
 _SOL = socket.SOL_SOCKET
-_SEND_QUEUE_LIMIT = 64 << 20
+_TIMEVAL = struct.Struct("@ll")
+_write = os.write
 _EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
@@ -78,9 +79,13 @@ class Framer:
         self._consumed = 0
         self._fds: deque[tuple[int, list[int]]] = deque()
         self._pending_fds = 0
+        self.idle = True
+        """Whether nothing is held (no part of a message, no fds), as of the last ``next``
+        that found no message: a read holding exactly one whole message may skip the framer."""
 
     def feed(self, data: bytes, fds: list[int]) -> None:
         """Add one read's bytes and fds; ``ProtocolError`` when fds pile up unclaimed."""
+        self.idle = False
         if fds:
             self._fds.append((self._received + len(data) - 1, fds))
             self._pending_fds += len(fds)
@@ -110,6 +115,7 @@ class Framer:
         available = len(self._data) - self._position
         if available < HEADER_SIZE:
             self._need = HEADER_SIZE
+            self.idle = not available and not self._fds
             return None
         start = self._position
         msg_id, command, size, flags, error = HEADER.unpack_from(self._data, start)
@@ -137,115 +143,60 @@ class Framer:
 
 @final
 class Sender:
-    """Thread-safe sends on a non-blocking socket; fds ride on a message's first byte.
+    """Thread-safe blocking sends of whole messages; fds ride on a message's first byte.
 
-    What the socket does not take at once is queued (fds dup'ed until sent) and flushed by the
-    loop when the socket is writable; a peer that lets the queue grow past a limit is cut off.
+    Nothing is queued in the process: a client that does not read its replies makes the
+    session's sends wait (its own socket buffer bounds what it holds, fds included), and one
+    that reads nothing for ``timeout`` seconds (the socket's send timeout) is cut off:
+    ``on_error`` is called once with the reason and later sends do nothing.
     """
 
     def __init__(
-        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, on_error: Callable[[str], None]
+        self, sock: socket.socket, timeout: float, on_error: Callable[[str], None]
     ) -> None:
         self._sock = sock
         self._fd = sock.fileno()
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self._sendall = sock.sendall
+        self._timeout = timeout
         self._on_error = on_error
         self._lock = threading.Lock()
-        self._queue: deque[tuple[bytes, list[int]]] = deque()
-        self._queued = 0
-        self._writing = False
         self._broken = False
+        seconds = int(timeout)
+        sock.setsockopt(
+            _SOL,
+            socket.SO_SNDTIMEO,
+            _TIMEVAL.pack(seconds, int((timeout - seconds) * 1_000_000)),
+        )
 
-    def send(
-        self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
-    ) -> None:
-        """Send one message (its parts in order) with ``fds``; never blocks."""
+    def send(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> None:
+        """Send one message with ``fds``; waits while the client's socket is full."""
         with self._lock:
             if self._broken:
                 return
-            if not self._queue:
-                ancillary = [(_SOL, _SCM, array.array("i", fds))] if fds else []
-                try:
-                    sent = self._sock.sendmsg(buffers, ancillary)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self._fail(f"send failed: {exc}")
-                    return
-                total = sum(len(part) for part in buffers)
-                if sent == total:
-                    return
-                rest = b"".join(buffers)[sent:]
-                owned = [os.dup(fd) for fd in fds] if sent == 0 else []
-            else:
-                rest = b"".join(buffers)
-                owned = [os.dup(fd) for fd in fds]
-            self._queue.append((rest, owned))
-            self._queued += len(rest)
-            if self._queued > _SEND_QUEUE_LIMIT:
-                self._fail(f"the client does not read its replies ({self._queued} bytes queued)")
-                return
-            if not self._writing:
-                self._writing = True
-                if threading.get_ident() == self._loop_thread:
-                    self._loop.add_writer(self._fd, self._flush)
-                else:
-                    self._loop.call_soon_threadsafe(self._arm)
-
-    def _arm(self) -> None:
-        with self._lock:
-            if self._writing and not self._broken:
-                self._loop.add_writer(self._fd, self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            while self._queue:
-                data, owned = self._queue[0]
-                ancillary = [(_SOL, _SCM, array.array("i", owned))] if owned else []
-                try:
+            try:
+                if fds:
+                    ancillary = [(_SOL, _SCM, array.array("i", fds))]
                     sent = self._sock.sendmsg([data], ancillary)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    self._fail(f"send failed: {exc}")
-                    return
-                close_fds(owned)
-                self._queued -= sent
-                if sent < len(data):
-                    self._queue[0] = (data[sent:], [])
-                    return
-                self._queue.popleft()
-            self._loop.remove_writer(self._fd)
-            self._writing = False
-
-    @property
-    def queued(self) -> bool:
-        """Whether bytes wait for the socket to become writable."""
-        return bool(self._queue)
-
-    def flush(self) -> None:
-        """Send what is queued, as far as the socket takes it (loop thread)."""
-        self._flush()
+                    if sent < len(data):
+                        self._sendall(memoryview(data)[sent:])
+                else:
+                    # os.write: the thinnest call there is (the socket blocks, with a timeout).
+                    sent = _write(self._fd, data)
+                    if sent < len(data):
+                        self._sendall(memoryview(data)[sent:])
+            except BlockingIOError:
+                self._fail(f"the client read no reply for {self._timeout} s")
+            except OSError as exc:
+                self._fail(f"send failed: {exc}")
 
     def _fail(self, reason: str) -> None:
-        self._drop()
-        self._loop.call_soon_threadsafe(self._on_error, reason)
-
-    def _drop(self) -> None:
         self._broken = True
-        for _, owned in self._queue:
-            close_fds(owned)
-        self._queue.clear()
-        self._queued = 0
+        self._on_error(reason)
 
     def close(self) -> None:
-        """Drop what is queued and stop writing (loop thread, before the socket closes)."""
+        """Send nothing more."""
         with self._lock:
-            self._drop()
-            if self._writing:
-                self._loop.remove_writer(self._fd)
-                self._writing = False
+            self._broken = True
 
 
 def is_eventfd(fd: int) -> bool:
