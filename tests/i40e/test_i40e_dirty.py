@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from i40e_mediator import registers as r
+from i40e_mediator import virtchnl as vc
 from i40e_mediator.guest import Guest
 from i40e_support import GUEST_IOVA, MEMORY_SIZE, Vf, WriteRecorder, report
 
@@ -67,15 +68,15 @@ def test_reconfigured_rings_are_reported_old_and_new(vf: Vf, recorder: WriteReco
 
 
 def test_buffers_posted_before_a_queue_starts_are_reported(vf: Vf, recorder: WriteRecorder) -> None:
-    """RX buffers and a TX packet posted before the context write that starts the pair: the
-    device serves them inside that write."""
+    """RX buffers posted before CONFIG_VSI_QUEUES and a TX packet posted between it and
+    ENABLE_QUEUES: the device serves both inside the ATQT write that starts the pair."""
     guest = vf.guest(buf_size=PAGE_SIZE)
     vf.device.dma_logging_start(PAGE_SIZE, WHOLE)
     recorder.take()
-    guest.configure(2, early=True)
+    guest.configure(0, early=True)
     written, reported = recorder.take(), report(vf)
     assert written and written <= reported
-    assert guest.clean(2) == 1 and guest.stats()["corrupt"] == 0
+    assert guest.clean(0) == 1 and guest.stats()["corrupt"] == 0
 
 
 def test_a_reset_while_logging_loses_nothing(vf: Vf, recorder: WriteRecorder) -> None:
@@ -130,6 +131,7 @@ def test_only_the_logged_ranges_are_reported(vf: Vf, recorder: WriteRecorder) ->
 
 KINDS = ["send"] * 6 + ["run"] * 3 + ["clean"] * 3 + ["post"] * 3 + ["start"] * 3
 KINDS += ["report"] * 3 + ["stop", "rearm", "reconfigure", "early", "pause", "resume", "reset"]
+KINDS += ["vf-reset", "hold-arq"]
 ACTIONS = st.tuples(
     st.sampled_from(KINDS),
     st.integers(0, r.NUM_QUEUE_PAIRS - 1),
@@ -206,6 +208,9 @@ def run_actions(
 
     changed = False  # whether a queue context changed since the last report
 
+    def paused() -> bool:
+        return vf.device.migration_state is not MigrationState.RUNNING
+
     def check_report() -> None:
         nonlocal changed
         reported: set[int] = set()
@@ -230,9 +235,20 @@ def run_actions(
             guest.run()
         elif kind == "rearm":
             guest.rearm(queue)
+        elif kind in ("reconfigure", "early", "vf-reset") and paused():
+            continue  # the driver waits for its reply: the device answers when it runs
         elif kind in ("reconfigure", "early"):
             guest.configure(queue, early=kind == "early")
             changed = True
+        elif kind == "vf-reset":
+            guest.reset(stale_tx_tail=count)
+            changed = True
+        elif kind == "hold-arq" and not paused():
+            # no ARQ buffer for a while: the reply waits in the device until the next poll
+            guest.poll_admin()
+            vf.set_reg(r.VF_ARQT, vf.reg(r.VF_ARQH))
+            if not guest.aq.outstanding:
+                guest._post(vc.OP_GET_STATS, vc.QUEUE_SELECT.pack(guest.vsi_id, 0, 0, 0))
         elif kind == "start" and not vf.device.dma_logging:
             vf.device.dma_logging_start(PAGE_SIZE, ranges)
             recorder.take()

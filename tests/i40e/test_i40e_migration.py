@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from i40e_mediator import registers as r
 from i40e_mediator import state
+from i40e_mediator import virtchnl as vc
 from i40e_mediator.model import I40eVf
 from i40e_support import GUEST_IOVA, Vf, WriteRecorder
 
@@ -126,10 +127,11 @@ def test_a_stream_of_another_model_or_version_is_refused(vf: Vf) -> None:
     good = saved_state(vf)
     model = good.replace(b"i40e-vf", b"ice-vf!", 1)
     assert "from device model 'ice-vf!', this device is 'i40e-vf'" in _refused(vf, model)
-    version = good[:8] + (2).to_bytes(2, "little") + good[10:]
-    assert "format version 2 is not supported (this mediator reads version 1)" in _refused(
-        vf, version
-    )
+    for old in (1, 3):  # the stream of the model before virtchnl, and a newer one
+        version = good[:8] + old.to_bytes(2, "little") + good[10:]
+        assert f"format version {old} is not supported (this mediator reads version 2)" in (
+            _refused(vf, version)
+        )
     assert "not an i40e VF state stream" in _refused(vf, b"MLX5STAT" + good[8:])
     assert "corrupted" in _refused(vf, good[:-1] + bytes([good[-1] ^ 1]))
     assert "truncated" in _refused(vf, good[:12])
@@ -141,13 +143,41 @@ def test_a_stream_of_another_model_or_version_is_refused(vf: Vf) -> None:
 
 
 def test_the_state_stream_format() -> None:
-    data = state.encode(I40eVf().snapshot())
+    vf = I40eVf()
+    data = state.encode(vf.snapshot())
     assert data[:8] == state.MAGIC == b"I40EVFST"
-    assert int.from_bytes(data[8:10], "little") == state.FORMAT_VERSION == 1
+    assert int.from_bytes(data[8:10], "little") == state.FORMAT_VERSION == 2
     assert data[10] == 7 and data[11:18] == b"i40e-vf"
     body_length = int.from_bytes(data[18:22], "little")
     assert len(data) == 26 + body_length
-    assert state.decode(data) == I40eVf().snapshot()
+    fresh = state.decode(data)
+    assert fresh == vf.snapshot() and fresh.mac == vf.port.mac
+    assert fresh.api_minor is None and fresh.admin_messages == () and fresh.stats == (0,) * 12
+
+
+def test_the_stream_carries_admin_virtchnl_and_port_state(make_vf: Callable[..., Vf]) -> None:
+    source, destination = make_vf("source"), make_vf("destination")
+    guest = source.guest()
+    guest.expect_ok(vc.OP_ADD_ETH_ADDR, guest.address_list([b"\x01\x00\x5e\x00\x00\x07"]))
+    guest.expect_ok(vc.OP_CONFIG_PROMISCUOUS_MODE, vc.PROMISC.pack(guest.vsi_id, 2))
+    guest.run()
+    source.set_reg(r.VF_ARQT, source.reg(r.VF_ARQH))  # no ARQ buffer: a reply waits
+    guest._post(vc.OP_GET_STATS, vc.QUEUE_SELECT.pack(guest.vsi_id, 0, 0, 0))
+    saved = state.decode(saved_state(source))
+    assert len(saved.admin_messages) == 1 and saved.admin_messages[0][0] == vc.OP_GET_STATS
+    assert saved.api_minor == 1 and saved.caps == vc.CAP_L2 and saved.all_multicast
+    assert saved.mac == guest.mac and b"\x01\x00\x5e\x00\x00\x07" in saved.multicast
+    assert saved.stats[6] > 0  # tx_bytes
+    load(destination, saved_state(source))
+    destination.device.set_migration_state(S.RUNNING)
+    assert destination.model.port.filters == source.model.port.filters
+    assert destination.model.snapshot().mac == guest.mac != destination.model.port.mac
+    moved = guest.move_to(destination.device, destination.memory)
+    destination.memory[:] = source.memory
+    moved._enable_device()  # the VMM's part: config space as the source's
+    destination.set_reg(r.VF_ARQT, (destination.reg(r.VF_ARQH) - 1) % 32)  # buffers again
+    moved.poll_admin()
+    assert moved.aq.reply is not None and moved.aq.reply[0] == vc.OP_GET_STATS
 
 
 def test_live_migration_under_traffic(make_vf: Callable[..., Vf]) -> None:

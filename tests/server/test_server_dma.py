@@ -333,5 +333,6 @@ def test_reconnecting_clients_that_ignore_dma_never_hold_up_another_device(
         finally:
             stop.set()
             reader.join()
-        # A wait on a thread every device shares would show here: 0.2 s per session, 2 s in all.
-        assert stalled < 0.5, f"the bystander stalled {stalled:.3f} s"
+        # A wait on a thread every device shares would show here: 0.2 s per session, 2 s in all;
+        # half of that leaves room for a loaded machine's scheduling hiccups.
+        assert stalled < 1.0, f"the bystander stalled {stalled:.3f} s"

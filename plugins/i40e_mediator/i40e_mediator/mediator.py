@@ -8,8 +8,9 @@ the start; the RFC's mediator did the same):
 
 - the RX tail page 0x2000 and the admin-receive tail page 0x7000, where software hands the
   device buffers that the device will write;
-- the admin queue pages 0x6000 and 0x8000 and the queue-context window 0xE000, where software
-  (re)configures rings the device writes (the device model traps most of these itself).
+- the admin queue pages 0x6000 and 0x8000, where software (re)configures the admin rings and
+  posts the virtchnl requests that (re)configure the queue rings the device writes (the device
+  model traps these itself too).
 
 Every other page stays as mappable as the device makes it. While no logging runs, a trapped
 access costs one call that returns ``None`` (the core passes it on).
@@ -41,24 +42,30 @@ descriptors in order, so the ones it still owns are the newest ``(tail - head) m
 the list and every older one has been written. Each report (and each trapped configuration
 write) pops the older ones and marks their buffers and descriptor slots. A buffer the device
 writes at time ``t`` is therefore marked in the first report whose hook runs after ``t`` (or
-before ``t`` and after it was posted), also when it was posted before logging started. A ring
-whose context changed (reset, new context, restored state, a fault that stopped it) has all its
-remembered descriptors marked and is read afresh - while it cannot take any: a context write
-that starts a queue pair makes the device serve latched tails within that write, so the
-mediator reads the descriptors posted to the new ring *before* passing the write on; a restored
-context is read before the device runs again.
+before ``t`` and after it was posted), also when it was posted before logging started. Frames
+from other VFs on the switch arrive on any thread at any time: they only move a head.
+
+A ring whose context changed (RESET_VF, CONFIG_VSI_QUEUES, a re-initialised admin queue, a
+restored state, a fault that stopped it) has all its remembered descriptors marked and is
+read afresh from its head. iavf configures a queue (CONFIG_VSI_QUEUES) and starts it
+(ENABLE_QUEUES) in two requests, so the mediator reads the new ring in the write that
+configures it, before any frame can land there; a driver that does both in one write and
+gets a frame in before the write returns leaves the mediator descriptors it never saw: it
+then marks every logged page (correct, not exact). A restored context is read before the
+device runs again.
 
 A TX ring is marked whole when it completed packets since the last settle (the PF's count of
 the VF's transmitted packets moved; a completion writes descriptors back), when its context
-changed (old and new ring) and when it faulted. The admin-transmit ring is marked whole at every
-report and around every configuration write, while it is enabled.
+changed (old and new ring) and when it faulted. The admin-transmit ring is marked whole when ATQH
+moved (or the ring changed) since the mediator last looked, at every report and around every
+configuration write; the admin-receive ring is a
+receive ring like the others (the device writes the PF's replies and events into its posted
+buffers within the ATQT, ARQT and resuming writes).
 
 Trapped writes, settling and reports are serialized by the handle's lock, so a receive tail
 never moves while the mediator looks; TX tail writes from other vCPUs only make the device take
 descriptors the mediator already knows. The guest must not rewrite a descriptor it has posted
-(the hardware forbids it); one that does can only spoil the copy of its own memory. When the
-model grows an admin queue engine that serves the admin-receive ring within the write that
-enables it, ``prepare`` must read that ring's posted descriptors too, as it does for queues.
+(the hardware forbids it); one that does can only spoil the copy of its own memory.
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ _QUIESCED = frozenset(
 _RUNNING = frozenset({STATE_RUNNING, STATE_PRE_COPY})
 _PRE_COPY = frozenset({STATE_PRE_COPY, STATE_PRE_COPY_P2P})
 
-TRAPPED_PAGES = frozenset({r.RX_TAIL_PAGE, r.ARQ_TAIL_PAGE, r.VF_ARQBAH, r.VF_ARQLEN, r.EMU_BASE})
+TRAPPED_PAGES = frozenset({r.RX_TAIL_PAGE, r.ARQ_TAIL_PAGE, r.VF_ARQBAH, r.VF_ARQLEN})
 """BAR0 pages the mediator takes out of the mapped set (by page offset)."""
 _CONFIG_PAGES = TRAPPED_PAGES - {r.RX_TAIL_PAGE}
 _ARQ = "arq"
@@ -136,14 +143,6 @@ class _Ring(NamedTuple):
         return (self.tail - self.head) % self.length
 
 
-class _Prepared(NamedTuple):
-    """The RX descriptors posted to a ring before the write that starts it."""
-
-    base: int
-    length: int
-    entries: list[Entry]
-
-
 @dataclass
 class _PostedRing:
     """The descriptors posted on one receive ring and not yet accounted, oldest first."""
@@ -170,6 +169,7 @@ class I40eHandle:
         self.lock = threading.Lock()
         self.log: Any = None
         self.rings: dict[object, _PostedRing] = {}
+        self.atq_seen: tuple[int, int, bool, int] | None = None
         self.state_view = b""
 
     def __repr__(self) -> str:
@@ -259,8 +259,7 @@ class I40eHandle:
         except OSError as exc:
             # The device could only use them once memory is mapped there: report everything.
             logger.warning("%s: posted descriptors unreadable (%s), logging all pages", self, exc)
-            for iova, length in self.log.ranges:
-                self.log.mark(iova, length)
+            self._mark_all()
             return []
         entries = []
         for i in range(count):
@@ -274,10 +273,10 @@ class I40eHandle:
             mark(buffer, length)
             mark(descriptor, size)
 
-    def settle(self, key: object, ring: _Ring, prepared: _Prepared | None = None) -> None:
+    def settle(self, key: object, ring: _Ring, *, unseen: bool = False) -> None:
         """Mark what the device took from ``key`` since the last settle; start over when
-        the ring's context changed, from the descriptors ``prepared`` for the new context if
-        they are for this ring."""
+        the ring's context changed. With ``unseen``, a changed ring whose head already moved
+        took descriptors the mediator never read: every logged page is marked."""
         posted = self.rings.setdefault(key, _PostedRing())
         changed = posted.generation != ring.generation or ring.broken
         if changed or posted.tx_done != ring.tx_done or posted.tx_ring != ring.tx_ring:
@@ -293,25 +292,38 @@ class I40eHandle:
             posted.generation = ring.generation
             if ring.broken:
                 return
-            if prepared is None or (prepared.base, prepared.length) != (ring.base, ring.length):
-                entries.extend(self._read_posted(ring, ring.head, owned))
-                return
-            entries.extend(prepared.entries)
-            if owned > len(entries):  # posted beyond what the context write saw: start over
-                self.settle(key, ring._replace(generation=object()))
-                return
+            if unseen and changed and ring.head:
+                logger.warning(
+                    "%s: ring %s was used before it was read: logging all pages", self, key
+                )
+                self._mark_all()
+            entries.extend(self._read_posted(ring, ring.head, owned))
+            return
         self._mark([entries.popleft() for _ in range(len(entries) - owned)])
 
-    def settle_all(self, prepared: dict[object, _Prepared] | None = None) -> dict[object, _Ring]:
+    def _mark_all(self) -> None:
+        for iova, length in self.log.ranges:
+            self.log.mark(iova, length)
+
+    def settle_all(self, *, unseen: bool = False) -> dict[object, _Ring]:
         """Settle every receive ring; returns the views used."""
         rings = {key: self.ring(key) for key in self.keys}
         for key, ring in rings.items():
-            self.settle(key, ring, (prepared or {}).get(key))
+            self.settle(key, ring, unseen=unseen)
         return rings
 
     def mark_admin_transmit_ring(self) -> None:
-        """Mark the admin-transmit ring, where the device writes completed commands back."""
+        """Mark the admin-transmit ring when the device completed commands on it since the
+        last look (ATQH moved: a completion writes its descriptor back first) or it changed.
+        One write or resume completes at most ``length - 1`` commands and every trapped write
+        looks before and after, so the head cannot come round to where it was unseen."""
         base, length, enabled = self._admin_ring(r.VF_ATQBAL, r.VF_ATQBAH, r.VF_ATQLEN)
+        now = (base, length, enabled, self._register(r.VF_ATQH) & r.AQ_HEAD_MASK)
+        seen, self.atq_seen = self.atq_seen, now
+        if now == seen:
+            return
+        if seen is not None and seen[2]:
+            self.log.mark(seen[0], seen[1] * r.AQ_DESC_SIZE)
         if enabled:
             self.log.mark(base, length * r.AQ_DESC_SIZE)
 
@@ -319,6 +331,8 @@ class I40eHandle:
         """Remember what is posted now; nothing is marked until the device takes it."""
         self.log = log
         self.rings = {}
+        base, length, enabled = self._admin_ring(r.VF_ATQBAL, r.VF_ATQBAH, r.VF_ATQLEN)
+        self.atq_seen = (base, length, enabled, self._register(r.VF_ATQH) & r.AQ_HEAD_MASK)
         for key in self.keys:
             ring = self.ring(key)
             posted = _PostedRing(ring.generation, tx_ring=ring.tx_ring, tx_done=ring.tx_done)
@@ -334,6 +348,7 @@ class I40eHandle:
     def forget(self) -> None:
         """The device is about to forget its rings: mark everything remembered."""
         self.mark_admin_transmit_ring()
+        self.atq_seen = None
         for posted in self.rings.values():
             self.log.mark(*posted.tx_ring)
             self._mark(posted.entries)
@@ -383,50 +398,13 @@ class I40eHandle:
         """A write that may change rings: account for everything before and after it."""
         before = self.settle_all()
         self.mark_admin_transmit_ring()
-        prepared = self.prepare(offset, data)
         written = self.write(r.BAR0, offset, data)
         for key, ring in before.items():
             if self.ring(key).tail != ring.tail:
                 self.rings[key].generation = None  # posted outside ``post``: read afresh
-        self.settle_all(prepared)
+        self.settle_all(unseen=True)
         self.mark_admin_transmit_ring()
         return written
-
-    def prepare(self, offset: int, data: bytes) -> dict[object, _Prepared]:
-        """The RX descriptors already posted to each queue pair that this write starts.
-
-        A pair serves latched tails in the very write that starts it, which overwrites the
-        descriptors it takes: their buffers must be read before, from the context the write
-        latches (the queue-context window's registers as the write leaves them).
-        """
-        prepared: dict[object, _Prepared] = {}
-        for queue in range(self.queue_pairs):
-            control = r.qctx(queue, r.QCTX_CTL)
-            if not (offset < control + 4 and control < offset + len(data)):
-                continue
-            if not self._after(offset, data, control) & r.QCTX_CTL_ENABLE:
-                continue
-            base = self._after(offset, data, r.qctx(queue, r.QCTX_RX_BASE_LO))
-            base |= self._after(offset, data, r.qctx(queue, r.QCTX_RX_BASE_HI)) << 32
-            length = self._after(offset, data, r.qctx(queue, r.QCTX_RX_LEN))
-            size = self._after(offset, data, r.qctx(queue, r.QCTX_RX_BUF_SIZE))
-            tail = self._register(r.qrx_tail(queue)) & r.TAIL_MASK
-            if not 0 < length <= r.RING_LEN_MAX or tail >= length:
-                continue
-
-            def buffer(descriptors: bytes, at: int, size: int = size) -> tuple[int, int]:
-                return int.from_bytes(descriptors[at : at + 8], "little"), size
-
-            ring = _Ring(None, base, length, 0, tail, r.RX_DESC.size, buffer, False, (0, 0), 0)
-            prepared[queue] = _Prepared(base, length, self._read_posted(ring, 0, tail))
-        return prepared
-
-    def _after(self, offset: int, data: bytes, register: int) -> int:
-        """Register ``register`` as the write of ``data`` at ``offset`` leaves it."""
-        value = bytearray(self.read(r.BAR0, register, 4))
-        for at in range(max(offset, register), min(offset + len(data), register + 4)):
-            value[at - register] = data[at - offset]
-        return int.from_bytes(value, "little")
 
 
 def _aq_buffer(descriptors: bytes, at: int) -> tuple[int, int]:
@@ -556,6 +534,10 @@ def mediator_set_state(handle: I40eHandle, current: int, new: int) -> bytes | No
     saved = encode(model.snapshot()) if saving else None
     if new in _RUNNING:
         model.resume()
+        if handle.log is not None:
+            with handle.lock:  # requests latched while stopped were served just now
+                handle.settle_all(unseen=True)
+                handle.mark_admin_transmit_ring()
     return saved
 
 

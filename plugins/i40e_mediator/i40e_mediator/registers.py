@@ -1,32 +1,9 @@
 """The X710 VF's facts: PCI identity, BAR0 registers and bits, DMA descriptor layouts.
 
 The one place for them: the device model, the mediator and the guest driver all import these.
-Offsets and bits follow Linux's ``iavf_register.h`` and ``iavf_type.h``; everything is little
-endian. The queue-context window (``EMU_*``, ``QCTX_*``) is this model's own and documented here.
-
-Queue-context window (BAR0 0xE000-0xEFFF; the real VF has no registers past 0xDC00)
-----------------------------------------------------------------------------------
-The real VF is told its rings by the PF through virtchnl ``CONFIG_VSI_QUEUES`` over the admin
-queue. Until the model answers virtchnl, software programs queue pair ``q`` directly through a
-64-byte block at ``EMU_BASE + 0x40 * q``:
-
-======  =====================  ============================================================
-offset  register               meaning
-======  =====================  ============================================================
-0x00    QCTX_TX_BASE_LO/HI     TX ring IOVA (two dwords), 128-byte aligned
-0x08    QCTX_TX_LEN            TX ring length in 16-byte descriptors
-0x10    QCTX_RX_BASE_LO/HI     RX ring IOVA (two dwords), 128-byte aligned
-0x18    QCTX_RX_LEN            RX ring length in 32-byte descriptors
-0x1C    QCTX_RX_BUF_SIZE       bytes per RX buffer (a multiple of 128)
-0x20    QCTX_CTL               write ENABLE: latch the fields above, head = 0, start the pair;
-                               write 0: stop the pair. Reads ENABLE and ERROR (bit 31: the last
-                               context was refused, or a DMA fault / malformed TX stopped it)
-0x24    QCTX_VECTOR            MSI-X vector of the pair (0: default ``1 + q % (vectors - 1)``)
-======  =====================  ============================================================
-
-``EMU_RTRIG`` bit 0 (VFSWR) holds the VF in reset while set, like the PF's VPGEN_VFRTRIG:
-VFGEN_RSTAT reads INPROGRESS (0) while held, COMPLETED (1) once after release, then VFACTIVE
-(2). ``EMU_QUEUE_PAIRS`` reads the number of queue pairs (what GET_VF_RESOURCES reports).
+Offsets and bits follow Linux's ``iavf_register.h``, ``iavf_type.h`` and ``iavf_adminq_cmd.h``;
+everything is little endian. The VF has no register to configure its queues: software asks
+the PF over virtchnl through the admin queue (``virtchnl``).
 """
 
 from __future__ import annotations
@@ -131,47 +108,30 @@ DYN_CTL_ITR_INDX_SHIFT = 3
 DYN_CTL_ITR_NONE = 3 << DYN_CTL_ITR_INDX_SHIFT  # "no ITR update", what iavf writes
 DYN_CTL_ACTIONS = DYN_CTL_CLEARPBA | DYN_CTL_SWINT_TRIG  # self-clearing: never read back
 
+ICR0_ADMINQ = 1 << 30  # VFINT_ICR01 / VFINT_ICR0_ENA1: an admin receive queue event
+
 VFR_STATE_MASK = 0x3
 VFR_INPROGRESS = 0
 VFR_COMPLETED = 1
 VFR_VFACTIVE = 2
 
 AQ_LEN_MASK = 0x3FF
+AQ_VFE = 1 << 28
+AQ_OVFL = 1 << 29  # ARQLEN: a message was dropped for want of a posted buffer
+AQ_CRIT = 1 << 30  # ATQLEN/ARQLEN: a critical error (a descriptor the device could not DMA)
 AQ_ENABLE = 1 << 31
 AQ_HEAD_MASK = 0x3FF
-
-# -- queue-context window (this model's, see the module docstring) ---------------------------
-
-EMU_BASE = 0xE000
-QCTX_STRIDE = 0x40
-QCTX_TX_BASE_LO = 0x00
-QCTX_TX_BASE_HI = 0x04
-QCTX_TX_LEN = 0x08
-QCTX_RX_BASE_LO = 0x10
-QCTX_RX_BASE_HI = 0x14
-QCTX_RX_LEN = 0x18
-QCTX_RX_BUF_SIZE = 0x1C
-QCTX_CTL = 0x20
-QCTX_VECTOR = 0x24
-QCTX_CTL_ENABLE = 1 << 0
-QCTX_CTL_ERROR = 1 << 31
-EMU_RTRIG = 0xE800
-RTRIG_VFSWR = 1 << 0
-EMU_QUEUE_PAIRS = 0xE804
-
-
-def qctx(queue: int, field: int) -> int:
-    """The BAR0 offset of ``field`` (a ``QCTX_*`` offset) of queue pair ``queue``'s context."""
-    return EMU_BASE + QCTX_STRIDE * queue + field
-
 
 # Limits of a queue context (the X710's: 128-byte ring alignment, buffers in 128-byte units).
 RING_ALIGN = 128
 RING_LEN_MIN = 8
+RING_LEN_DEFAULT = 512  # what iavf configures
 RING_LEN_MAX = 4096
 RING_LEN_MULTIPLE = 8
 RX_BUF_UNIT = 128
 RX_BUF_MAX = 16256
+RX_PKT_MIN = 64
+RX_PKT_MAX = 16 * 1024 - 1
 
 # -- DMA descriptors ------------------------------------------------------------------------
 
@@ -184,10 +144,27 @@ TX_CMD_SHIFT = 4
 TX_CMD_EOP = 0x001
 TX_CMD_RS = 0x002
 TX_CMD_ICRC = 0x004
+TX_CMD_IIPT_SHIFT = 5  # IIPT in CMD: 1 IPv6, 2 IPv4, 3 IPv4 with IP checksum insertion
+TX_CMD_IIPT_MASK = 0x3
+TX_CMD_L4T_SHIFT = 8  # L4T in CMD: 1 TCP, 2 SCTP, 3 UDP (insert the L4 checksum)
+TX_CMD_L4T_MASK = 0x3
+TX_IIPT_IPV4_CSUM = 3
+TX_OFFSET_SHIFT = 16
+TX_MACLEN_MASK = 0x7F  # 2-byte words, bits 16-22
+TX_IPLEN_SHIFT = 23
+TX_IPLEN_MASK = 0x7F  # 4-byte words, bits 23-29
+TX_L4LEN_SHIFT = 30
+TX_L4LEN_MASK = 0xF  # 4-byte words, bits 30-33
+TX_CTX_CMD_TSO = 0x01  # context descriptor CMD (bits 4-19)
+TX_CTX_TSO_LEN_SHIFT = 30
+TX_CTX_TSO_LEN_MASK = 0x3FFFF
+TX_CTX_MSS_SHIFT = 50
+TX_CTX_MSS_MASK = 0x3FFF
 TX_BUF_SIZE_SHIFT = 34
 TX_BUF_SIZE_MASK = 0x3FFF
 TX_QWORD1_OFFSET = 8
 TX_MAX_FRAGMENTS = 8  # data descriptors per packet (without TSO)
+TX_MAX_TSO_FRAGMENTS = 64  # data descriptors of one TSO packet (iavf needs more than 8)
 TX_DESC_DONE = (TX_DTYPE_DESC_DONE).to_bytes(8, "little")  # the completion write-back
 
 
@@ -220,3 +197,21 @@ AQ_DESC_SIZE = AQ_DESC.size
 AQ_DATALEN_OFFSET = 4
 AQ_ADDR_HIGH_OFFSET = 24
 AQ_ADDR_LOW_OFFSET = 28
+AQ_BUF_MAX = 4096  # the largest admin queue buffer (iavf posts 4096-byte ARQ buffers)
+
+AQ_FLAG_DD = 0x0001
+AQ_FLAG_CMP = 0x0002
+AQ_FLAG_ERR = 0x0004
+AQ_FLAG_LB = 0x0200
+AQ_FLAG_RD = 0x0400
+AQ_FLAG_BUF = 0x1000
+AQ_FLAG_SI = 0x2000
+
+AQC_QUEUE_SHUTDOWN = 0x0003
+AQC_SEND_MSG_TO_PF = 0x0801
+AQC_SEND_MSG_TO_VF = 0x0802
+
+# Admin queue return codes (``retval``; enum i40e_admin_queue_err).
+AQ_RC_OK = 0
+AQ_RC_EINVAL = 14
+AQ_RC_ENOTTY = 15

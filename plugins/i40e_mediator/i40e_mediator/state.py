@@ -1,28 +1,37 @@
 """The VF's saved state and its versioned byte stream.
 
-Stream format, version 1 (little endian)::
+Stream format, version 2 (little endian)::
 
     offset  size  field
     0       8     magic b"I40EVFST"
-    8       2     format version (1)
+    8       2     format version (2)
     10      1     n = length of the model id
     11      n     model id, ASCII ("i40e-vf")
     11+n    4     body length L
     15+n    4     CRC-32 of the body
     19+n    L     body: sections, each [u16 id][u16 zero][u32 length][length bytes]
 
-Sections of version 1, each exactly once and in this order:
+Sections of version 2, each exactly once and in this order:
 
-1. DEVICE: u16 queue pairs, u16 vectors, u8 VF reset held, u8 VFGEN_RSTAT state shown next.
+1. DEVICE: u16 queue pairs, u16 vectors, u8 VFGEN_RSTAT state shown next.
 2. REGISTERS: u32 count, then count x (u32 BAR0 offset, u32 value): every non-zero dword of
-   the register file except the queue tails (they are positions, in QUEUES).
-3. QUEUES: one ``QUEUE`` record per queue pair (configuration, head/tail positions, vector,
+   the register file except the queue tails (they are positions, in QUEUES). The admin
+   queue's registers (bases, lengths, heads, tails) are among them.
+3. QUEUES: one ``QUEUE`` record per queue pair (configuration, head/tail positions, vectors,
    enable and error bits, counters).
 4. VECTORS: one byte per MSI-X vector: bit 0 armed (INTENA), bit 1 cause pending.
 5. MSIX: u32 n, the MSI-X table (n bytes, masks included); u32 m, the PBA (m bytes).
+6. ADMIN: u32 count, then count x (u32 virtchnl opcode, i32 status, u32 length, payload): the
+   PF-to-VF messages waiting for ARQ buffers.
+7. VIRTCHNL: u8 version negotiated, u32 the VF's minor version, u32 granted capabilities.
+8. PORT: the switch-port state: 6-byte default MAC, u8 flags (bit 0 promiscuous, bit 1 all
+   multicast), u16 unicast count, u16 multicast count, then the 6-byte addresses.
+9. STATS: 12 u64, the VF's ``virtchnl_eth_stats``.
 
-``decode`` refuses anything else with ``OSError(EINVAL)`` naming what is wrong: another magic,
-another model, another version, a bad checksum, a truncated or malformed body.
+Version 1 (the model before it spoke virtchnl) and any other version are refused:
+``decode`` refuses anything but version 2 of this model with ``OSError(EINVAL)`` naming what
+is wrong: another magic, another model, another version, a bad checksum, a truncated or
+malformed body.
 """
 
 from __future__ import annotations
@@ -43,26 +52,38 @@ __all__ = [
 ]
 
 MAGIC = b"I40EVFST"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_ID = "i40e-vf"
 
 _HEADER = struct.Struct("<8sHB")
 _BODY_HEADER = struct.Struct("<II")
 _SECTION = struct.Struct("<HHI")
-_DEVICE = struct.Struct("<HHBB")
+_DEVICE = struct.Struct("<HHB")
 _REGISTER = struct.Struct("<II")
 _COUNT = struct.Struct("<I")
-_QUEUE = struct.Struct("<QIIIQIIIIHBxQQQQQ")
+_QUEUE = struct.Struct("<QIIIQIIIIIHHBxQQQQQ")
 
 SECTION_DEVICE = 1
 SECTION_REGISTERS = 2
 SECTION_QUEUES = 3
 SECTION_VECTORS = 4
 SECTION_MSIX = 5
-_SECTIONS = (SECTION_DEVICE, SECTION_REGISTERS, SECTION_QUEUES, SECTION_VECTORS, SECTION_MSIX)
+SECTION_ADMIN = 6
+SECTION_VIRTCHNL = 7
+SECTION_PORT = 8
+SECTION_STATS = 9
+_SECTIONS = tuple(range(SECTION_DEVICE, SECTION_STATS + 1))
+_MESSAGE = struct.Struct("<IiI")
+_VIRTCHNL = struct.Struct("<BII")
+_PORT = struct.Struct("<6sBHH")
+_STATS = struct.Struct("<12Q")
+_MAC = 6
 
-_QUEUE_ENABLED = 1 << 0
+_QUEUE_RX_ENABLED = 1 << 0
 _QUEUE_ERROR = 1 << 1
+_QUEUE_TX_ENABLED = 1 << 2
+_PORT_PROMISCUOUS = 1 << 0
+_PORT_ALL_MULTICAST = 1 << 1
 _VECTOR_ARMED = 1 << 0
 _VECTOR_PENDING = 1 << 1
 
@@ -82,10 +103,13 @@ class QueueState:
     rx_base: int = 0
     rx_len: int = 0
     rx_buf_size: int = 0
+    max_pkt_size: int = 0
     rx_head: int = 0
     rx_tail: int = 0
-    vector: int = 0
-    enabled: bool = False
+    rx_vector: int = 0
+    tx_vector: int = 0
+    rx_enabled: bool = False
+    tx_enabled: bool = False
     error: bool = False
     tx_packets: int = 0
     tx_bytes: int = 0
@@ -105,7 +129,6 @@ class VfState:
 
     queue_pairs: int
     vectors: int
-    reset_held: bool
     rstat: int
     registers: tuple[tuple[int, int], ...]
     queues: tuple[QueueState, ...]
@@ -113,14 +136,21 @@ class VfState:
     pending: tuple[bool, ...]
     msix_table: bytes
     msix_pba: bytes
+    admin_messages: tuple[tuple[int, int, bytes], ...]
+    api_minor: int | None
+    caps: int
+    mac: bytes
+    unicast: tuple[bytes, ...]
+    multicast: tuple[bytes, ...]
+    promiscuous: bool
+    all_multicast: bool
+    stats: tuple[int, ...]
 
 
 def encode(state: VfState) -> bytes:
-    """The version-1 stream of ``state``."""
+    """The version-2 stream of ``state``."""
     sections = {
-        SECTION_DEVICE: _DEVICE.pack(
-            state.queue_pairs, state.vectors, state.reset_held, state.rstat
-        ),
+        SECTION_DEVICE: _DEVICE.pack(state.queue_pairs, state.vectors, state.rstat),
         SECTION_REGISTERS: _COUNT.pack(len(state.registers))
         + b"".join(_REGISTER.pack(offset, value) for offset, value in state.registers),
         SECTION_QUEUES: b"".join(_pack_queue(queue) for queue in state.queues),
@@ -132,6 +162,24 @@ def encode(state: VfState) -> bytes:
         + state.msix_table
         + _COUNT.pack(len(state.msix_pba))
         + state.msix_pba,
+        SECTION_ADMIN: _COUNT.pack(len(state.admin_messages))
+        + b"".join(
+            _MESSAGE.pack(opcode, status, len(payload)) + payload
+            for opcode, status, payload in state.admin_messages
+        ),
+        SECTION_VIRTCHNL: _VIRTCHNL.pack(
+            state.api_minor is not None, state.api_minor or 0, state.caps
+        ),
+        SECTION_PORT: _PORT.pack(
+            state.mac,
+            (_PORT_PROMISCUOUS if state.promiscuous else 0)
+            | (_PORT_ALL_MULTICAST if state.all_multicast else 0),
+            len(state.unicast),
+            len(state.multicast),
+        )
+        + b"".join(state.unicast)
+        + b"".join(state.multicast),
+        SECTION_STATS: _STATS.pack(*state.stats),
     }
     body = b"".join(
         _SECTION.pack(number, 0, len(sections[number])) + sections[number] for number in _SECTIONS
@@ -188,7 +236,7 @@ def _decode_body(body: memoryview) -> VfState:
     missing = [number for number in _SECTIONS if number not in sections]
     if missing:
         raise ValueError(f"sections {missing} are missing")
-    queue_pairs, vectors, reset_held, rstat = _DEVICE.unpack(sections[SECTION_DEVICE])
+    queue_pairs, vectors, rstat = _DEVICE.unpack(sections[SECTION_DEVICE])
     registers_data = sections[SECTION_REGISTERS]
     (count,) = _COUNT.unpack_from(registers_data)
     registers = tuple(
@@ -212,10 +260,29 @@ def _decode_body(body: memoryview) -> VfState:
     pba = bytes(msix[pba_at : pba_at + pba_length])
     if pba_at + pba_length != len(msix) or len(table) != table_length:
         raise ValueError("MSI-X section lengths do not match")
+    admin = sections[SECTION_ADMIN]
+    (count,) = _COUNT.unpack_from(admin)
+    messages = []
+    at = _COUNT.size
+    for _ in range(count):
+        opcode, status, length = _MESSAGE.unpack_from(admin, at)
+        at += _MESSAGE.size
+        messages.append((opcode, status, bytes(admin[at : at + length])))
+        at += length
+    if at != len(admin):
+        raise ValueError("admin section length does not match its messages")
+    negotiated, minor, caps = _VIRTCHNL.unpack(sections[SECTION_VIRTCHNL])
+    port = sections[SECTION_PORT]
+    mac, port_flags, unicast_count, multicast_count = _PORT.unpack_from(port)
+    addresses = [
+        bytes(port[_PORT.size + i * _MAC : _PORT.size + (i + 1) * _MAC])
+        for i in range(unicast_count + multicast_count)
+    ]
+    if _PORT.size + len(addresses) * _MAC != len(port):
+        raise ValueError("port section length does not match its addresses")
     return VfState(
         queue_pairs=queue_pairs,
         vectors=vectors,
-        reset_held=bool(reset_held),
         rstat=rstat,
         registers=registers,
         queues=queues,
@@ -223,11 +290,24 @@ def _decode_body(body: memoryview) -> VfState:
         pending=tuple(bool(flag & _VECTOR_PENDING) for flag in flags),
         msix_table=table,
         msix_pba=pba,
+        admin_messages=tuple(messages),
+        api_minor=minor if negotiated else None,
+        caps=caps,
+        mac=mac,
+        unicast=tuple(addresses[:unicast_count]),
+        multicast=tuple(addresses[unicast_count:]),
+        promiscuous=bool(port_flags & _PORT_PROMISCUOUS),
+        all_multicast=bool(port_flags & _PORT_ALL_MULTICAST),
+        stats=_STATS.unpack(sections[SECTION_STATS]),
     )
 
 
 def _pack_queue(queue: QueueState) -> bytes:
-    flags = (_QUEUE_ENABLED if queue.enabled else 0) | (_QUEUE_ERROR if queue.error else 0)
+    flags = (
+        (_QUEUE_RX_ENABLED if queue.rx_enabled else 0)
+        | (_QUEUE_TX_ENABLED if queue.tx_enabled else 0)
+        | (_QUEUE_ERROR if queue.error else 0)
+    )
     return _QUEUE.pack(
         queue.tx_base,
         queue.tx_len,
@@ -236,9 +316,11 @@ def _pack_queue(queue: QueueState) -> bytes:
         queue.rx_base,
         queue.rx_len,
         queue.rx_buf_size,
+        queue.max_pkt_size,
         queue.rx_head,
         queue.rx_tail,
-        queue.vector,
+        queue.rx_vector,
+        queue.tx_vector,
         flags,
         queue.tx_packets,
         queue.tx_bytes,
@@ -257,9 +339,11 @@ def _unpack_queue(data: memoryview, at: int) -> QueueState:
         rx_base,
         rx_len,
         rx_buf_size,
+        max_pkt_size,
         rx_head,
         rx_tail,
-        vector,
+        rx_vector,
+        tx_vector,
         flags,
         tx_packets,
         tx_bytes,
@@ -275,10 +359,13 @@ def _unpack_queue(data: memoryview, at: int) -> QueueState:
         rx_base=rx_base,
         rx_len=rx_len,
         rx_buf_size=rx_buf_size,
+        max_pkt_size=max_pkt_size,
         rx_head=rx_head,
         rx_tail=rx_tail,
-        vector=vector,
-        enabled=bool(flags & _QUEUE_ENABLED),
+        rx_vector=rx_vector,
+        tx_vector=tx_vector,
+        rx_enabled=bool(flags & _QUEUE_RX_ENABLED),
+        tx_enabled=bool(flags & _QUEUE_TX_ENABLED),
         error=bool(flags & _QUEUE_ERROR),
         tx_packets=tx_packets,
         tx_bytes=tx_bytes,
