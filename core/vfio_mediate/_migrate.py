@@ -117,7 +117,13 @@ class Workload(GuestWorkload, Protocol):
 
     The factory is called as ``factory(device, memory, iova, *, seed=0)``: ``device`` offers
     ``read``/``write``/``set_irq_triggers`` (a ``MediatedDevice``), ``memory`` is the guest memory
-    (at least 4 MiB) mapped at ``iova`` in the device's DMA space.
+    (at least 4 MiB) mapped at ``iova`` in the device's DMA space, or a ``VfioUserClient``
+    of a device served by another process (no ``set_irq_triggers`` then).
+
+    The factory may carry ``far_end``: a callable that ``migrate-demo --transport vfio-user``
+    calls in each serve process before the device is built, and whose result it keeps there,
+    for what the guest's traffic reaches beyond the device (a NIC's link partner on the
+    process's switch).
     """
 
     def start(self) -> None:

@@ -39,7 +39,16 @@ BAR_WIDTH = 30
 TRANSPORTS = ("in-process", "vfio-user")
 SERVER_START_SECONDS = 60.0
 """How long a ``serve`` process may take to listen (imports on a loaded machine are slow)."""
-_SERVE = "import sys; from vfio_mediate.cli import main; sys.exit(main())"
+# A serve process for the model in argv[1]: the workload's far end (``Workload``) made there
+# first and kept for the process's life, then ``vfio-mediate serve`` with the rest of argv.
+_SERVE = (
+    "import sys\n"
+    "from vfio_mediate._entry_points import find_workload\n"
+    "from vfio_mediate.cli import main\n"
+    "far_end = getattr(find_workload(sys.argv[1]), 'far_end', None)\n"
+    "kept = far_end() if far_end is not None else None\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
 
 Side = tuple[MigratableDevice, memoryview]
 
@@ -161,7 +170,17 @@ def _served_side(stack: ExitStack, model: str, role: str, directory: Path, size:
     whose guest memory (a memfd) is DMA-mapped into the server."""
     path = directory / f"{role}.sock"
     errors = stack.enter_context((directory / f"{role}.log").open("w+"))
-    command = [sys.executable, "-c", _SERVE, "serve", "--device", model, "--socket", str(path)]
+    command = [
+        sys.executable,
+        "-c",
+        _SERVE,
+        model,
+        "serve",
+        "--device",
+        model,
+        "--socket",
+        str(path),
+    ]
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
     )

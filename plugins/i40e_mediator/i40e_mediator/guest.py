@@ -809,3 +809,13 @@ def workload(device: Device, memory: memoryview, iova: int, *, seed: int = 0) ->
     queue pairs busy with traffic through the switch and back, asks for statistics every slice
     and also writes some application memory."""
     return Guest(device, memory, iova, seed=seed, cpu_pages_per_slice=4)
+
+
+def far_end() -> LinkPartner:
+    """The guest's link partner where the VF is served by another process (``workload``'s
+    ``far_end``): made there before the VF, it takes the switch's first port, whose MAC the
+    guest's own partner (the first port here) has too."""
+    return LinkPartner()
+
+
+workload.far_end = far_end  # type: ignore[attr-defined]
