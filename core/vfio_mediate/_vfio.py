@@ -28,6 +28,7 @@ from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaMapping, DmaSpace, RemoteMemory
 from ._errors import AccessError, DeviceSpecError
 from .uapi import (
+    PAGE_SIZE,
     PCI_NUM_REGIONS,
     DeviceInfo,
     IrqInfo,
@@ -87,6 +88,10 @@ _IRQ_INFO = struct.Struct("=IIII")
 _IRQ_SET = struct.Struct("=IIIII")
 _DMA_MAP = struct.Struct("=IIQQQ")
 _DMA_UNMAP = struct.Struct("=IIQQ")
+_IOMMU_INFO = struct.Struct("=IIQII")  # argsz flags iova_pgsizes cap_offset pad
+_IOMMU_INFO_CAPS = 1 << 1
+_IOMMU_CAP_MIGRATION = 2  # VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION
+_IOMMU_CAP_MIGRATION_BODY = struct.Struct("=I4xQQ")  # flags pgsize_bitmap max_dirty_bitmap_size
 _DIRTY = struct.Struct("=II")
 _DIRTY_GET = struct.Struct("=QQQQQ")  # iova size pgsize bitmap.size bitmap.data
 _CAP_SPARSE_MMAP, _CAP_TYPE, _CAP_MSIX_MAPPABLE = 1, 2, 3
@@ -178,6 +183,7 @@ class VfioContainer:
         self._users: dict[int, int] = {}  # group number -> devices open in it
         self._vaddrs: dict[tuple[int, int], tuple[int, int]] = {}  # (iova, size) -> (addr, len)
         self.dirty_tracking = False
+        self._dirty_capability: tuple[int, int] | None = None
         try:
             version = _ioctl(self.fd, GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
             if version != API_VERSION:
@@ -232,6 +238,7 @@ class VfioContainer:
                 if not self._iommu_set:
                     _ioctl(self.fd, SET_IOMMU, TYPE1v2_IOMMU, "VFIO_SET_IOMMU")
                     self._iommu_set = True
+                    self._dirty_capability = self._read_dirty_capability()
             except BaseException:
                 os.close(fd)
                 raise
@@ -259,6 +266,7 @@ class VfioContainer:
             os.close(fd)
             if not self._groups:
                 self._iommu_set = False
+                self._dirty_capability = None
 
     @property
     def groups(self) -> tuple[int, ...]:
@@ -331,6 +339,32 @@ class VfioContainer:
         return tuple(sorted(self._vaddrs))
 
     # -- type1 dirty tracking (every pinned page is reported dirty) ------------------------
+
+    def _read_dirty_capability(self) -> tuple[int, int] | None:
+        """``VFIO_IOMMU_GET_INFO``'s migration capability: (page size bitmap, largest bitmap)."""
+        size = _IOMMU_INFO.size
+        while True:
+            buf = bytearray(size)
+            _IOMMU_INFO.pack_into(buf, 0, size, 0, 0, 0, 0)
+            _ioctl(self.fd, IOMMU_GET_INFO, buf, "VFIO_IOMMU_GET_INFO")
+            argsz, flags, _, cap_offset, _ = _IOMMU_INFO.unpack_from(buf)
+            if argsz <= size:
+                break
+            size = argsz
+        at = cap_offset if flags & _IOMMU_INFO_CAPS else 0
+        while at and at + _CAP_HEADER.size + _IOMMU_CAP_MIGRATION_BODY.size <= len(buf):
+            cap_id, _, following = _CAP_HEADER.unpack_from(buf, at)
+            if cap_id == _IOMMU_CAP_MIGRATION:
+                _, page_sizes, max_bitmap = _IOMMU_CAP_MIGRATION_BODY.unpack_from(buf, at + 8)
+                return page_sizes, max_bitmap
+            at = following
+        return None
+
+    @property
+    def dirty_capability(self) -> tuple[int, int] | None:
+        """``(page size bitmap, largest bitmap in bytes)`` of type1's dirty page tracking, or
+        ``None`` when the IOMMU does not offer it (or no group is attached yet)."""
+        return self._dirty_capability
 
     def dirty_start(self) -> None:
         """``VFIO_IOMMU_DIRTY_PAGES`` START."""
@@ -712,8 +746,14 @@ class VfioPciDevice:
 
     # -- dirty tracking (no mediator hooks, no kernel DMA logging here: type1's) --------------
 
-    iommu_dirty_tracking = True
-    """type1's ``VFIO_IOMMU_DIRTY_PAGES``: every pinned page is reported dirty."""
+    @property
+    def iommu_dirty_tracking(self) -> bool:
+        """Whether the container's type1 IOMMU tracks dirty pages at 4 KiB (its
+        ``VFIO_IOMMU_GET_INFO`` migration capability): ``VFIO_IOMMU_DIRTY_PAGES`` then reports
+        every pinned page dirty, an honest over-report. A mediator's dirty-logging hooks take
+        precedence (``MediatedDevice.dma_logging_source`` decides)."""
+        capability = self.container.dirty_capability
+        return capability is not None and bool(capability[0] & PAGE_SIZE)
 
     def dirty_start(self) -> None:
         """Start the container's dirty tracking."""

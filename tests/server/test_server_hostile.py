@@ -242,7 +242,8 @@ def test_pipelined_slow_requests_of_one_client_do_not_hold_up_another_device(
         bystander.read(0, REG_SRC, 4)
         worst = max(worst, time.monotonic() - started)
     assert flooder.wait(30) == 0
-    assert worst < 100 * SPIN, f"a bystander read waited {worst:.3f} s"
+    # The whole pipeline takes 2048 * SPIN; a fifth of that leaves room for a loaded machine.
+    assert worst < 400 * SPIN, f"a bystander read waited {worst:.3f} s"
 
 
 def test_the_client_says_the_server_has_gone(

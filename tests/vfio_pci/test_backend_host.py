@@ -22,7 +22,8 @@ from vfio_mediate import (
     create_device,
 )
 from vfio_mediate._vfio import is_pci_address
-from vfio_mediate.uapi import IrqIndex
+from vfio_mediate.server import BackgroundServer, VfioUserClient
+from vfio_mediate.uapi import DeviceFeature, IrqIndex
 
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 
@@ -192,3 +193,47 @@ def test_client_eventfds_go_to_a_direct_backend_unless_the_mediator_observes_the
             assert observer.seen == [(IrqIndex.MSIX, 1), (IrqIndex.MSIX, 1)] and fired == [1]
     finally:
         backend._inner.close()
+
+
+class DirtyOnly:
+    """Claims the i40e VF model with dirty-logging hooks only (no migration of its own)."""
+
+    @hookimpl
+    def mediator_open(self, device: Any) -> Any:
+        return self
+
+    @hookimpl
+    def mediator_dma_logging_start(self, handle: Any, log: Any) -> None:
+        return None
+
+    @hookimpl
+    def mediator_dma_logging_report(self, handle: Any, log: Any, iova: int, length: int) -> None:
+        log.mark(iova, 1)
+
+    @hookimpl
+    def mediator_dma_logging_stop(self, handle: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("mediator", "source"), [(DirtyOnly(), "mediator"), (None, None)])
+def test_the_served_dirty_tracking_offer_is_the_devices_one_source(
+    tmp_path: Path, mediator: object | None, source: str | None
+) -> None:
+    """VERSION's "migration" and the DMA_LOGGING probe follow ``dma_logging_source`` (the
+    IOMMU source is shown on a real device, in the nested guest)."""
+    registry = MediatorRegistry()
+    if mediator is not None:
+        registry.register(mediator, "dirty-only")
+    backend = create_device("i40e-vf")
+    try:
+        device = MediatedDevice(backend, registry)
+        with BackgroundServer() as server:
+            server.add(device, tmp_path / "dev.sock")
+            with VfioUserClient.connect(tmp_path / "dev.sock") as client:
+                assert device.dma_logging_source == source
+                offered = client.server_capabilities.migration_pgsize is not None
+                assert offered is (source is not None)
+                assert client.probe_feature(DeviceFeature.DMA_LOGGING_START) is offered
+                assert device.migration_flags == 0  # the offer is about dirty pages only
+    finally:
+        backend.close()

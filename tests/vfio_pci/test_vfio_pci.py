@@ -47,6 +47,16 @@ def test_the_benchmark_numbers_are_reported(guest_run: GuestRun) -> None:
         print(f"{label:<52} {micros:8.2f} us")
 
 
+def test_qemu_in_the_guest_programmed_the_bars_within_a_minute(guest_run: GuestRun) -> None:
+    """guest/check_qemu_attach.py left how long QEMU took (see -rP)."""
+    text = guest_run.outputs.get("qemu_attach.json")
+    if text is None:
+        pytest.fail("the in-guest QEMU attach check left no qemu_attach.json")
+    seconds = json.loads(text)["seconds"]
+    print(f"QEMU in the guest: VF realized and its BARs programmed after {seconds:.1f} s")
+    assert seconds < 60
+
+
 def test_the_guest_run_stays_within_its_budget(guest_run: GuestRun) -> None:
     # A boot is ~6 s quiet, ~20 s loaded; the checks start several Python processes under TCG.
     assert guest_run.seconds < 240, f"boot and checks took {guest_run.seconds:.0f} s"

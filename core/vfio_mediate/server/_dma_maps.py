@@ -43,6 +43,7 @@ class DmaMaps(CommandGroup):
         self.message_dma = message_dma
         self.max_dma_maps = max_dma_maps
         self._maps: dict[tuple[int, int], DmaMapping] = {}
+        self._fdless_map_refused = False  # warned once per session (QEMU sends one per ROM)
 
     def handlers(self) -> dict[int, Handler]:
         return {Command.DMA_MAP: self._dma_map, Command.DMA_UNMAP: self._dma_unmap}
@@ -94,7 +95,13 @@ class DmaMaps(CommandGroup):
                     iova, size, self.message_dma.memory(iova), readable=readable, writable=writable
                 )
             except AccessError as exc:
-                logger.warning("%s: DMA_MAP refused: %s", self.label, exc.strerror)
+                if not self._fdless_map_refused:
+                    self._fdless_map_refused = True
+                    logger.warning(
+                        "%s: DMA_MAP refused: %s (further such maps of this session too)",
+                        self.label,
+                        exc.strerror,
+                    )
                 raise
         self._maps[(iova, size)] = mapping
         if logger.isEnabledFor(_DEBUG):

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, final
 
-from .._errors import AccessError, ContractViolation
+from .._errors import AccessError
 from ..uapi import PAGE_SIZE
 from ._codec import (
     VERSION,
@@ -89,13 +89,9 @@ class Negotiation(CommandGroup):
 
     def _migration_capability(self, caps: Capabilities) -> dict[str, int] | None:
         """The old "migration" capability: the dirty page size and the largest report bitmap,
-        offered back only for a device that migrates."""
-        try:
-            migrates = bool(self.device.migration_flags)
-        except (OSError, ContractViolation) as exc:
-            logger.warning("%s: migration flags: %s", self.label, exc)
-            migrates = False
-        if not migrates:
+        offered back only for a device that can log dirty pages (``dma_logging_source``: its
+        mediator or its IOMMU), as its DMA_LOGGING features are."""
+        if not self.device.dma_logging_supported:
             return None
         page = caps.migration_pgsize
         if page is None or page < PAGE_SIZE or page & (page - 1):

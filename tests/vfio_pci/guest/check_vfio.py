@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import mmap
 import os
+import runpy
 import select
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from vfio_mediate import (
     create_device,
 )
 from vfio_mediate._vfio import VfioContainer
+from vfio_mediate.cli import main
 from vfio_mediate.server import BackgroundServer
 from vfio_mediate.server._client import VfioUserClient
 from vfio_mediate.uapi import IrqIndex, RegionFlag
@@ -41,8 +45,8 @@ from vfio_mediate.uapi import IrqIndex, RegionFlag
 VF, VF2, E1000E, PF = "0000:01:10.0", "0000:01:10.2", "0000:00:02.0", "0000:01:00.0"
 _BRIDGED = Path("/run/xchg/bridged.txt")
 BRIDGED = _BRIDGED.read_text().split() if _BRIDGED.exists() else []
-CLI = [sys.executable, "-c", "import sys; from vfio_mediate.cli import main; sys.exit(main())"]
 CONFIG = 7
+Completed = subprocess.CompletedProcess[str]
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 PAGE = 4096
 IOVA = 0x4000_0000
@@ -101,10 +105,51 @@ def enable_memory(client: VfioUserClient, bus_master: bool = False) -> None:
 # -- 1. probe -----------------------------------------------------------------------------------
 
 
+def run_forked(target: Callable[[], int | None], uid: int | None = None) -> Completed:
+    """``target()`` in a forked child of this (already importing) process, as user ``uid`` if
+    given: its exit status (what it returns or exits with), stdout and stderr. A new
+    interpreter costs seconds of imports under TCG; the serve checks (check_wire_client.py)
+    start a real ``python -c`` process."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a command line of its own, nothing of pytest's capture
+        status = 99
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            logging.root.handlers.clear()  # the CLI configures its own
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            result = target()
+            status = 0 if result is None else result
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as out_file, open(err_r) as err_file:
+        out, err = out_file.read(), err_file.read()
+    _, wait_status = os.waitpid(pid, 0)
+    return Completed([], os.waitstatus_to_exitcode(wait_status), out, err)
+
+
+def run_cli(*argv: str, uid: int | None = None) -> Completed:
+    """``vfio-mediate ARGV`` (its ``main``) in a forked child."""
+    return run_forked(lambda: main(list(argv)), uid)
+
+
 def test_probe_json_of_a_vf() -> None:
-    out = subprocess.run(
-        [*CLI, "probe", "--device", VF, "--json"], capture_output=True, text=True, timeout=120
-    )
+    out = run_cli("probe", "--device", VF, "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     Path("/run/xchg/probe.json").write_text(out.stdout)
@@ -337,6 +382,21 @@ def test_reset_reaches_the_device_and_the_mediator() -> None:
         assert trap.resets == 2
 
 
+def test_session_end_takes_the_client_memory_out_of_the_iommu() -> None:
+    with Served(VF) as served:
+        memory = served.client.dma_map_memfd(IOVA, 1 << 20)
+        assert served.backend.container.mappings == ((IOVA, 1 << 20),)
+        served.client.close()  # no DMA_UNMAP: the session just ends
+        served.client = None
+        deadline = time.monotonic() + 5
+        while served.backend.container.mappings and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.backend.container.mappings == ()
+        with pytest.raises(OSError):  # and out of the server's own view after it
+            served.backend.dma.read(IOVA, 1)
+        memory.close()
+
+
 def test_dma_map_without_fd_is_refused() -> None:
     with Served(VF) as served:
         with pytest.raises(OSError) as caught:
@@ -387,35 +447,15 @@ def test_two_vfs_share_one_container() -> None:
         container.close()
 
 
-def test_serve_holds_the_group_until_sigterm() -> None:
-    sock = tempfile.mkdtemp(dir="/run") + "/vf2.sock"
-    server = subprocess.Popen(
-        [*CLI, "serve", "--device", VF2, "--socket", sock],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        line = server.stdout.readline() if server.stdout else ""
-        assert line.startswith(f"serving {VF2} (8086:10ca)"), line + server.stderr.read()
-        with pytest.raises(VfioDeviceError) as caught:
-            create_device(VF2)
-        assert caught.value.errno == errno.EBUSY and "another process" in str(caught.value)
-        with VfioUserClient.connect(sock) as client:
-            assert struct.unpack("<HH", client.read(CONFIG, 0, 4)) == (0x8086, 0x10CA)
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-    create_device(VF2).close()  # the group is free again
-
-
 # -- 6. each failure is one line that says what to do --------------------------------------------
 
 
-def probe_error(address: str, *prefix: str) -> str:
-    out = subprocess.run(
-        [*prefix, *CLI, "probe", "--device", address], capture_output=True, text=True, timeout=120
-    )
+MISSING = "0000:05:00.0"
+NOBODY = 65534
+
+
+def probe_error(address: str, uid: int | None = None) -> str:
+    out = run_cli("probe", "--device", address, uid=uid)
     assert out.returncode == 1, (out.stdout, out.stderr)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr
@@ -423,8 +463,8 @@ def probe_error(address: str, *prefix: str) -> str:
 
 
 def test_error_no_such_device() -> None:
-    line = probe_error("0000:05:00.0")
-    assert "no PCI device 0000:05:00.0" in line
+    line = probe_error(MISSING)
+    assert f"no PCI device {MISSING}" in line
 
 
 def test_error_bound_to_another_driver() -> None:
@@ -441,8 +481,7 @@ def test_error_group_not_viable() -> None:
 
 
 def test_error_no_permission() -> None:
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    line = probe_error(VF, *nobody)
+    line = probe_error(VF, uid=NOBODY)
     assert "no permission on /dev/vfio/8" in line
 
 
@@ -458,11 +497,13 @@ def test_error_no_iommu(tmp_path: Path) -> None:
 
 
 def test_benchmark_runs_against_a_vf() -> None:
-    bench = Path("/mnt/checkout/benchmarks/bench_vfio.py")
-    out = subprocess.run(
-        [sys.executable, str(bench), VF, "-n", "2000", "--json"],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    bench = "/mnt/checkout/benchmarks/bench_vfio.py"
+
+    def run_script() -> None:
+        sys.argv = [bench, VF, "-n", "2000", "--json"]
+        runpy.run_path(bench, run_name="__main__")
+
+    out = run_forked(run_script)
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     Path("/run/xchg/bench.json").write_text(out.stdout)
