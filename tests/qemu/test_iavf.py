@@ -4,8 +4,9 @@
 Both guests boot once for the module; the checks run in order in those boots: iavf binds and
 reports link up, ping both ways, a multicast ping, 1 MiB over TCP/IPv4 and TCP/IPv6 (TX
 checksum offload and TSO) checked by hash on both sides, UDP datagrams with valid checksums
-(the device inserts them), an MTU change (a VF reset in iavf) then ping again, a driver that
-never complained, and a server log without a traceback or warning.
+(the device inserts them), promiscuous mode on and off, an MTU change (a VF reset in iavf)
+then ping again, a driver that never complained, and a server log without a traceback or
+warning.
 
 Seen from these guests (Debian 6.12): iavf sends CONFIG_VSI_QUEUES, CONFIG_IRQ_MAP and
 ADD_ETH_ADDR/DEL_ETH_ADDR one list element longer than their count says (the size of the old
@@ -28,6 +29,8 @@ from .iavf_guests import Guest, Server, guest_initramfs
 
 ADDRESSES = ("10.15.0.1", "10.15.0.2")
 ADDRESSES6 = ("fd15::1", "fd15::2")
+NOWHERE = ("10.15.0.99", "02:aa:bb:cc:dd:ee")  # an address whose MAC no VF has
+STATS_PERIOD = 2.5  # iavf asks for the device's counters every 2 s
 PORT = 5015
 LINK_TIMEOUT = 90.0  # iavf's init is a watchdog state machine; slow under TCG
 
@@ -193,6 +196,35 @@ def test_udp_datagrams_arrive_with_valid_checksums(pair: Pair) -> None:
     after = udp_counters(receiver)
     assert after["InCsumErrors"] == before["InCsumErrors"], (before, after)
     assert after["NoPorts"] > before["NoPorts"], (before, after)
+
+
+def received(guest: Guest, name: str) -> int:
+    """Frames the guest's VF received (iavf shows the device's GET_STATS counters)."""
+    return int(guest.run(f"cat /sys/class/net/{name}/statistics/rx_packets"))
+
+
+def test_promiscuous_mode_takes_frames_for_other_macs(pair: Pair) -> None:
+    """Frames to a MAC no VF has reach the second guest only while it is promiscuous
+    (iavf's CONFIG_PROMISCUOUS_MODE, the switch's promiscuous ports)."""
+    pair.up()
+    sender, receiver = pair.guests
+    name = pair.interfaces[receiver.name]
+    count = 50
+    sender.run(f"arp -s {NOWHERE[0]} {NOWHERE[1]}")
+    for promiscuous in (True, False):
+        receiver.run(f"ip link set {name} promisc {'on' if promiscuous else 'off'}")
+        time.sleep(STATS_PERIOD)  # the mode reaches the device, the counters settle
+        before = received(receiver, name)
+        sender.run(f"ping -c {count} -i 0.01 -W 1 {NOWHERE[0]}", check=False)
+        if promiscuous:
+            receiver.wait_until(
+                f"[ $(cat /sys/class/net/{name}/statistics/rx_packets) -ge {before + count} ]",
+                timeout=5 * STATS_PERIOD,
+            )
+        else:
+            time.sleep(2 * STATS_PERIOD)
+            # a few frames of background traffic (neighbour discovery) may arrive meanwhile
+            assert received(receiver, name) - before < count // 2
 
 
 def test_mtu_change_resets_the_vf_and_traffic_resumes(pair: Pair) -> None:
