@@ -19,6 +19,7 @@ from ._dma import DmaMapping, DmaSpace, RemoteMemory
 from ._dma_logging import DmaLogging
 from ._entry_points import PluginRecord
 from ._errors import AccessError, DeviceNotOpenError
+from ._hook_types import Device
 from ._irqs import IrqRouting
 from ._mediator_view import MediatorDevice
 from ._regions import RegionEntry, RegionTable
@@ -111,7 +112,8 @@ class MediatedDevice:
         return self._winner.handle if self._winner else None
 
     def _attach(self) -> None:
-        winner = WinningMediator.search(self.registry, MediatorDevice(self.backend), self)
+        view: Device = MediatorDevice(self.backend)  # the contract's type, checked here
+        winner = WinningMediator.search(self.registry, view, self)
         if winner is not None:
             logger.info("%s claimed by mediator %s", self.name, winner.record.describe())
         try:

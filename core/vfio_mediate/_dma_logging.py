@@ -9,6 +9,7 @@ from typing import Any, final
 
 from ._dirty import DirtyLog, bitmap_pages
 from ._errors import AccessError
+from ._hook_types import DirtyPageLog
 from ._pages import runs
 from ._winner import WinningMediator
 from .uapi import PAGE_SIZE
@@ -55,7 +56,8 @@ class DmaLogging:
             raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
         log = DirtyLog(page_size, ranges)
         if self.winner is not None and self.source == "mediator":
-            self.winner.call("mediator_dma_logging_start", log)
+            handed: DirtyPageLog = log  # what the contract promises, checked here
+            self.winner.call("mediator_dma_logging_start", handed)
         else:
             self.backend.dirty_start()
         self.log = log

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, cast, final
 
 from ._backend import DeviceBackend, RegionMapping
-from ._dma import DmaSpace
+from ._dma_view import DmaView
+from ._hook_types import RegionInfoData
 
 __all__ = ["MediatorDevice"]
 
@@ -44,13 +45,13 @@ class MediatorDevice:
         self.read: Callable[[int, int, int], bytes] = backend.read
         self.write: Callable[[int, int, bytes], int] = backend.write
         self.mmap: Callable[[int, int, int], RegionMapping] = backend.mmap
-        self.dma: DmaSpace | None = backend.dma
+        self.dma: DmaView | None = None if backend.dma is None else DmaView(backend.dma)
         self.model: Any = backend.model
         self._backend = backend
 
-    def region_info(self, index: int) -> dict[str, Any]:
+    def region_info(self, index: int) -> RegionInfoData:
         """The device's own info of region ``index``, as plain data."""
-        return self._backend.region_info(index).to_plain()
+        return cast(RegionInfoData, self._backend.region_info(index).to_plain())
 
     def __repr__(self) -> str:
         return f"<MediatorDevice {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"

@@ -9,12 +9,14 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, final
 
 from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
+from ._dma_view import DmaView
 from ._errors import AccessError
+from ._model import ModelMethods
 from ._pages import areas_of_pages, pages_of
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
@@ -95,11 +97,12 @@ class DeviceBus:
 
     def __init__(self, device: EmulatedPciDevice) -> None:
         self._device = device
+        self._dma = DmaView(device.dma)
 
     @property
-    def dma(self) -> DmaSpace:
-        """The device's DMA address space."""
-        return self._device.dma
+    def dma(self) -> DmaView:
+        """The device's DMA: reads and writes of its address space."""
+        return self._dma
 
     def bar(self, index: int) -> memoryview:
         """The memory of BAR ``index`` (shared with every client that maps it)."""
@@ -120,15 +123,9 @@ class DeviceBus:
 class EmulatedPciDevice:
     """A PCIe function built from a ``DeviceSpec``: the backend of a ``MediatedDevice``.
 
-    ``model`` is the device's behaviour, an object with any of these (all plain Python, so a
-    vendor package can ship one without importing vfio-mediate):
-
-    - ``attach(bus)``: receives a ``DeviceBus`` (``dma``, ``bar(index)``, ``raise_msix(vector)``);
-    - ``bar_read(bar, offset, count) -> bytes | None``: a register read (``None``: read memory);
-    - ``bar_write(bar, offset, data) -> bool``: a register write (``False``: store in memory);
-    - ``mmap_areas(bar) -> list[(offset, size)] | None``: the pages a client may map (``None``:
-      all); pages left out are trapped, so their accesses reach ``bar_read``/``bar_write``;
-    - ``reset()``: reset the device's registers and queues.
+    ``model`` is the device's behaviour, an object with any of the methods of ``DeviceModel``
+    (``attach``, ``bar_read``, ``bar_write``, ``mmap_areas``, ``reset``; plain Python, so a vendor
+    package can ship one without importing vfio-mediate), looked up once here.
     """
 
     def __init__(self, spec: DeviceSpec, model: Any = None) -> None:
@@ -159,14 +156,11 @@ class EmulatedPciDevice:
             self._config = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
             self._wmask = bytearray(PCI_EXP_CONFIG_SPACE_SIZE)
             self._build_config()
-            self._bar_read: Callable[[int, int, int], bytes | None] | None = getattr(
-                model, "bar_read", None
-            )
-            self._bar_write: Callable[[int, int, bytes], bool] | None = getattr(
-                model, "bar_write", None
-            )
-            if model is not None and hasattr(model, "attach"):
-                model.attach(DeviceBus(self))
+            self._methods = ModelMethods.of(model)
+            self._bar_read = self._methods.bar_read
+            self._bar_write = self._methods.bar_write
+            if self._methods.attach is not None:
+                self._methods.attach(DeviceBus(self))
         except BaseException:
             self.close()
             raise
@@ -273,7 +267,7 @@ class EmulatedPciDevice:
     def _mmap_areas(self, index: int, bar: BarSpec) -> list[tuple[int, int]]:
         """Mappable pages: the model's choice, less the MSI-X table and PBA pages (trapped, as
         vfio-pci does, so that masking and pending bits stay the device's)."""
-        chosen = getattr(self.model, "mmap_areas", None)
+        chosen = self._methods.mmap_areas
         areas = chosen(index) if chosen is not None else None
         pages: set[int] = set()
         for offset, size in [(0, bar.size)] if areas is None else areas:
@@ -498,9 +492,8 @@ class EmulatedPciDevice:
             self._config[:] = self._config_defaults
             for _, _, _, view in self._bars.values():
                 view[:] = bytes(len(view))
-            reset = getattr(self.model, "reset", None)
-            if reset is not None:
-                reset()
+            if self._methods.reset is not None:
+                self._methods.reset()
 
     def close(self) -> None:
         """Unmap and close the BAR memory and every DMA mapping."""

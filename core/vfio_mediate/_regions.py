@@ -71,8 +71,8 @@ class RegionTable:
 
     # -- asking the winner -------------------------------------------------------------------
 
-    def _call(self, hook: str, *args: Any, rule: Rule) -> Any:
-        return None if self.winner is None else self.winner.call(hook, *args, rule=rule)
+    def _call(self, hook: str, *args: Any) -> Any:
+        return None if self.winner is None else self.winner.call(hook, *args)
 
     def _violation(self, rule: Rule, message: str) -> Exception:
         assert self.winner is not None  # only a winner's answers are checked
@@ -81,9 +81,17 @@ class RegionTable:
     def ask_region_info(self, index: int) -> RegionInfo:
         """Region ``index``'s info: the backend's, or the winner's narrower version of it."""
         own = self.backend.region_info(index)
-        answer = self._call("mediator_get_region_info", own.to_plain(), rule=Rule.REGION_INFO_VALID)
+        answer = self._call("mediator_get_region_info", own.to_plain())
         if answer is None:
             return own
+        flags = answer.get("flags") if isinstance(answer, dict) else None
+        known = int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP)
+        if isinstance(flags, int) and not flags & ~known and flags & ~int(own.flags):
+            # Before validating the rest: an added flag is the fault, whatever else it breaks.
+            raise self._violation(
+                Rule.REGION_INFO_VALID,
+                f"region {index}: flags {RegionFlag(flags & ~int(own.flags))!r} the device lacks",
+            )
         try:
             info = RegionInfo.from_plain(answer)
         except ValueError as exc:
@@ -120,7 +128,7 @@ class RegionTable:
             )
 
     def _ask_device_regions(self) -> list[RegionInfo]:
-        answer = self._call("mediator_device_regions", rule=Rule.DEVICE_REGIONS_VALID)
+        answer = self._call("mediator_device_regions")
         try:
             infos = [RegionInfo.from_plain(item) for item in answer or ()]
         except (TypeError, ValueError) as exc:
@@ -143,17 +151,19 @@ class RegionTable:
             return own
         if not self.winner.implements("mediator_regions"):
             return set(infos)
-        answer = self._call("mediator_regions", rule=Rule.HOOK_SIGNATURE)
+        answer = self._call("mediator_regions")
         try:
             chosen = {int(index) for index in answer}
         except (TypeError, ValueError) as exc:
             raise self._violation(
-                Rule.HOOK_SIGNATURE, f"mediator_regions must return region indexes: {exc}"
+                Rule.REGIONS_RESULT,
+                f"mediator_regions returned {answer!r:.60}, not region indexes: {exc}",
             ) from exc
         unknown = chosen - set(infos)
         if unknown:
             raise self._violation(
-                Rule.HOOK_SIGNATURE, f"mediator_regions names no region {unknown}"
+                Rule.REGIONS_RESULT,
+                f"mediator_regions names region(s) {sorted(unknown)} the device does not have",
             )
         return chosen | own
 
@@ -179,10 +189,11 @@ class RegionTable:
             return functools.partial(backend_read, index), functools.partial(backend_write, index)
         handle, violation = winner.handle, winner.violation
 
-        def failure(exc: Exception) -> Exception:
+        def failure(exc: Exception, offset: int, count: int) -> Exception:
+            where = f" for region {index} at {offset:#x}+{count:#x}"
             if isinstance(exc, OSError):
-                return winner.without_errno(exc)
-            return violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}")
+                return winner.without_errno(exc, where)
+            return violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}{where}")
 
         def read(offset: int, count: int) -> bytes:
             try:
@@ -190,13 +201,16 @@ class RegionTable:
             except Exception as exc:
                 if isinstance(exc, OSError) and exc.errno:
                     raise
-                raise failure(exc) from exc
+                raise failure(exc, offset, count) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
                 return backend_read(index, offset, count)
             if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
-                raise violation(Rule.RW_RESULT, f"read of {count} bytes returned {result!r:.60}")
+                raise violation(
+                    Rule.RW_RESULT,
+                    f"a read of region {index} at {offset:#x}+{count:#x} returned {result!r:.60}",
+                )
             return bytes(result)
 
         def write(offset: int, data: bytes) -> int:
@@ -205,13 +219,17 @@ class RegionTable:
             except Exception as exc:
                 if isinstance(exc, OSError) and exc.errno:
                     raise
-                raise failure(exc) from exc
+                raise failure(exc, offset, len(data)) from exc
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
                 return backend_write(index, offset, data)
             if result != len(data):
-                raise violation(Rule.RW_RESULT, f"write of {len(data)} bytes returned {result!r}")
+                raise violation(
+                    Rule.RW_RESULT,
+                    f"a write of region {index} at {offset:#x}+{len(data):#x} returned "
+                    f"{result!r:.60}, not {len(data)}",
+                )
             return len(data)
 
         return read, write

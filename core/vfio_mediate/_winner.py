@@ -9,7 +9,7 @@ from typing import Any, final
 from ._entry_points import PluginRecord
 from ._errors import ContractViolation
 from ._registry import Claim, MediatorRegistry
-from ._rules import Rule
+from ._rules import HOOK_RULES, Rule
 
 __all__ = ["WinningMediator"]
 
@@ -57,11 +57,11 @@ class WinningMediator:
         """Whether the mediator implements hook ``name``."""
         return self._hooks.get(name) is not None
 
-    def call(self, name: str, *args: Any, rule: Rule = Rule.ACCESS_ERRORS) -> Any:
+    def call(self, name: str, *args: Any) -> Any:
         """Call hook ``name`` with the handle and ``args`` (``None`` if not implemented).
 
         An ``OSError`` with an errno passes as the mediator's refusal; anything else it raises
-        becomes a ``ContractViolation`` of ``rule``.
+        becomes a ``ContractViolation`` of the hook's own rule (``HOOK_RULES``).
         """
         function = self._hooks.get(name)
         if function is None:
@@ -73,7 +73,7 @@ class WinningMediator:
                 raise self.without_errno(exc) from exc
             raise
         except Exception as exc:
-            raise self.violation(rule, f"{name} raised {exc!r}") from exc
+            raise self.violation(HOOK_RULES[name], f"{name} raised {exc!r}") from exc
 
     def call_quietly(self, name: str, *args: Any) -> None:
         """Call hook ``name`` where nobody could take an error (teardown): log what it raises."""
@@ -95,6 +95,6 @@ class WinningMediator:
         """The error of this mediator breaking ``rule``."""
         return ContractViolation(self.record.describe(), rule.value, message)
 
-    def without_errno(self, exc: OSError) -> ContractViolation:
+    def without_errno(self, exc: OSError, where: str = "") -> ContractViolation:
         """The error of this mediator refusing with an ``OSError`` that carries no errno."""
-        return self.violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno")
+        return self.violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno{where}")

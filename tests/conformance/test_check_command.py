@@ -24,7 +24,9 @@ def test_check_passes_a_conforming_mediator_and_runs_nothing_else(
 def test_check_fails_a_broken_mediator_naming_the_rule(tmp_path: Path, plugin_path: Path) -> None:
     run = run_pytest(["-k", "quiet"], tmp_path, plugin_path, command=[*CHECK, "broken-prints"])
     assert run.status == 1
-    assert "[quiet] its hooks printed" in run.output
+    assert "[quiet] 'broken-prints' (conformance-broken-prints 0.1.0): its hooks printed" in (
+        run.output
+    )
 
 
 def test_check_of_a_name_that_is_not_installed(tmp_path: Path) -> None:

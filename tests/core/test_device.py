@@ -249,7 +249,9 @@ def test_wrong_rw_results_are_contract_violations(virtio_device: EmulatedPciDevi
         return 3 if is_write else b"\x00"
 
     with register(virtio_device, mediator_rw=mediator_rw) as device:
-        with pytest.raises(ContractViolation, match=r"read of 4 bytes returned b'\\x00'") as error:
+        with pytest.raises(
+            ContractViolation, match=r"a read of region 0 at 0x0\+0x4 returned b'\\x00'"
+        ) as error:
             device.read(0, 0, 4)
         assert error.value.rule == "rw-result"
         with pytest.raises(ContractViolation, match="returned 3"):
@@ -436,7 +438,7 @@ def test_a_mediator_cannot_claim_msix_mappable(virtio_device: EmulatedPciDevice)
     [
         (
             {"mediator_regions": lambda handle: (_ for _ in ()).throw(RuntimeError("x"))},
-            "hook-signature",
+            "regions-result",
         ),
         ({"mediator_device_regions": lambda handle: 5}, "device-regions-valid"),
     ],

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,6 @@ class TrapHandle:
         self.reads: list[tuple[int, int]] = []
         self.counter = 0
         self.log: Any = None
-        self.stop_watch: Callable[[], None] | None = None
         self.loaded: bytes | None = None
 
 
@@ -158,6 +156,11 @@ class TrapMediator:
             if offset == REG_STALL:
                 self.stalled.set()
                 self.release.wait(10)
+            if offset == REG_DOORBELL and handle.log is not None:
+                # The doorbell makes the device write LEN bytes at DST: mark them.
+                (dst,) = struct.unpack("<Q", handle.device.read(0, REG_DST, 8))
+                (length,) = struct.unpack("<I", handle.device.read(0, REG_LEN, 4))
+                handle.log.mark(dst, length)
             handle.writes.append((offset, data))
             handle.counter += 1
         else:
@@ -195,13 +198,10 @@ class TrapMediator:
     @hookimpl
     def mediator_dma_logging_start(self, handle: TrapHandle, log: Any) -> None:
         handle.log = log
-        handle.stop_watch = handle.device.dma.watch(log.mark)
 
     @hookimpl
     def mediator_dma_logging_stop(self, handle: TrapHandle) -> None:
-        if handle.stop_watch is not None:
-            handle.stop_watch()
-        handle.stop_watch, handle.log = None, None
+        handle.log = None
 
 
 def open_fds() -> set[int]:

@@ -10,9 +10,11 @@ installed::
 
 NAME is the mediator's entry point in ``vfio_mediate.mediators``. The suite opens the devices
 the mediator's ``mediator_targets`` names (and look-alikes it must decline), drives every hook
-through the real core, and fails each broken rule with a message that starts with its id
-(``[rw-result] ...``). Capabilities (migration v2, dirty logging, device-specific regions) are
-learnt from the hooks (see ``Capabilities``); their tests skip, with the reason, when absent.
+through the real core, and fails each broken rule once, in one line that starts with its id
+and names the plugin (``[rw-result] 'name' (distribution version): what, where``), the detail
+on the lines after; a mediator that cannot be loaded fails the run at once, in one message.
+Capabilities (migration v2, dirty logging, device-specific regions) are learnt from the hooks
+(see ``Capabilities``); their tests skip, with the reason, when absent.
 Dirty logging is checked against the writes the device really made, under the suite's accesses
 and, for a target device model that ships a guest workload (``vfio_mediate.workloads``), under
 that workload's traffic; the terminal summary shows the over-report ratio measured.
@@ -23,10 +25,13 @@ from ._capabilities import Capabilities, Profile
 from ._mediator import HookCall, HookRecorder, Implementation, MediatorUnderTest
 from ._plugin import (
     pytest_addoption,
+    pytest_collection_finish,
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_ignore_collect,
     pytest_report_header,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
     pytest_terminal_summary,
 )
 from ._targets import Target
@@ -40,9 +45,12 @@ __all__ = [
     "Profile",
     "Target",
     "pytest_addoption",
+    "pytest_collection_finish",
     "pytest_collection_modifyitems",
     "pytest_configure",
     "pytest_ignore_collect",
     "pytest_report_header",
+    "pytest_runtest_makereport",
+    "pytest_sessionfinish",
     "pytest_terminal_summary",
 ]

@@ -19,12 +19,13 @@ declare are skipped with the reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from .._device import MediatedDevice
 from .._entry_points import Priority
+from .._errors import ContractViolation
 from ..uapi import PCI_NUM_REGIONS
 from ._mediator import MediatorUnderTest
 from ._targets import Target
@@ -50,12 +51,16 @@ class Capabilities:
     fallback: bool
     dirty_logging: bool
     profiles: tuple[Profile, ...]
+    violation: ContractViolation | None = field(default=None, compare=False)
+    """What the core found wrong when it opened the targets (none can then be probed):
+    raised again by each question asked of the capabilities, inside the test that asks."""
 
     @classmethod
     def probe(cls, mediator: MediatorUnderTest, targets: Sequence[Target]) -> Capabilities:
         """Open each target once (the mediator alone in a registry) and read what it offers."""
         registry = mediator.registry()
         profiles = []
+        violation = None
         for number, target in enumerate(targets):
             backend = target.build(f"probe-{number}")
             try:
@@ -65,6 +70,9 @@ class Capabilities:
                     )
                     claimed = device.mediator is not None
                     profiles.append(Profile(target, claimed, device.migration_flags, regions))
+            except ContractViolation as exc:
+                violation = exc
+                break
             finally:
                 backend.close()
         return cls(
@@ -72,10 +80,16 @@ class Capabilities:
             mediator.priority is Priority.LAST,
             mediator.hook("mediator_dma_logging_start") is not None,
             tuple(profiles),
+            violation,
         )
+
+    def _usable(self) -> None:
+        if self.violation is not None:
+            raise self.violation
 
     def migrating(self) -> tuple[Profile, ...]:
         """The targets the mediator migrates; skips the test when there are none."""
+        self._usable()
         found = tuple(profile for profile in self.profiles if profile.migration_flags)
         if not found:
             pytest.skip(
@@ -86,6 +100,7 @@ class Capabilities:
 
     def with_device_regions(self) -> tuple[Profile, ...]:
         """The targets for which the mediator adds device-specific regions; skips when none."""
+        self._usable()
         found = tuple(profile for profile in self.profiles if profile.device_regions)
         if not found:
             pytest.skip(
@@ -97,6 +112,7 @@ class Capabilities:
     def logging(self) -> tuple[Profile, ...]:
         """The targets whose dirty pages the mediator logs (those it claims, when it implements
         ``mediator_dma_logging_start``); skips the test when there are none."""
+        self._usable()
         if not self.dirty_logging:
             pytest.skip(
                 f"mediator {self.mediator!r} declares no dirty logging: it does not implement "
@@ -109,6 +125,7 @@ class Capabilities:
 
     def require_not_fallback(self) -> None:
         """Skip the test for a fallback mediator, which may claim any device."""
+        self._usable()
         if self.fallback:
             pytest.skip(
                 f"mediator {self.mediator!r} is a fallback (trylast=True on mediator_open): "

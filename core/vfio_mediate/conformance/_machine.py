@@ -35,7 +35,7 @@ from .._rules import Rule
 from ..uapi import MigrationState
 from ._bench import Bench
 from ._targets import Target
-from ._verdict import RuleFailure, tagged
+from ._verdict import RuleFailure, core_message
 from ._workload import drain
 
 __all__ = ["SETTINGS", "check_migration"]
@@ -53,7 +53,7 @@ SETTINGS = settings(
 
 
 def _violation(message: str) -> RuleFailure:
-    return RuleFailure(tagged(Rule.MIGRATION.value, message))
+    return RuleFailure(Rule.MIGRATION.value, message)
 
 
 class MigrationMachine(RuleBasedStateMachine):
@@ -91,7 +91,9 @@ class MigrationMachine(RuleBasedStateMachine):
         except MigrationError as exc:
             outcome = exc
         except ContractViolation as exc:
-            raise RuleFailure(tagged(exc.rule, f"{current.name} -> {target.name}: {exc}")) from exc
+            raise RuleFailure(
+                exc.rule, f"{current.name} -> {target.name}: {core_message(exc)}"
+            ) from exc
         arcs = [
             (S(call.args["current"]), S(call.args["new"]))
             for call in self.bench.recorder.of("mediator_set_state", since)

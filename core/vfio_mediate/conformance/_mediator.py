@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import types
@@ -81,6 +82,9 @@ class HookRecorder:
     same arguments), each wrapped to append a ``HookCall``. The suite registers the proxy in
     place of the plugin, so the real core (registry, ``MediatedDevice``) drives the real hooks
     and the suite sees what was called, with what, and in which order.
+
+    ``mediator_rw`` runs for every access the suite makes, tens of thousands per test: a call
+    of it is recorded only when it fails or gets another handle than the call before it.
     """
 
     def __init__(self) -> None:
@@ -104,6 +108,8 @@ class HookRecorder:
     def _recording(self, hook: str, function: Callable[..., Any]) -> Callable[..., Any]:
         calls = self.calls
         names = tuple(inspect.signature(function).parameters)
+        if hook == "mediator_rw":
+            return self._recording_changes(hook, function, names)
 
         # functools.wraps sets __wrapped__: pluggy reads the implementation's argument names
         # through it, so the proxy is called with exactly the arguments the plugin declares.
@@ -115,6 +121,26 @@ class HookRecorder:
                 calls.append(HookCall(hook, dict(zip(names, args, strict=False)), error=exc))
                 raise
             calls.append(HookCall(hook, dict(zip(names, args, strict=False)), result))
+            return result
+
+        return recorded
+
+    def _recording_changes(
+        self, hook: str, function: Callable[..., Any], names: tuple[str, ...]
+    ) -> Callable[..., Any]:
+        calls = self.calls
+        last: list[Any] = [object()]
+
+        @functools.wraps(function)
+        def recorded(*args: Any) -> Any:
+            try:
+                result = function(*args)
+            except BaseException as exc:
+                calls.append(HookCall(hook, dict(zip(names, args, strict=False)), error=exc))
+                raise
+            if args and args[0] is not last[0]:
+                last[0] = args[0]
+                calls.append(HookCall(hook, dict(zip(names, args, strict=False)), result))
             return result
 
         return recorded
@@ -153,6 +179,9 @@ class MediatorUnderTest:
         record, plugin = load_entry_point(ep, MEDIATOR_GROUP)
         if plugin is None:
             raise PluginLoadError(record.describe(), str(record.error))
+        unknown = _unknown_hooks(plugin)
+        if unknown:
+            raise ContractViolation(record.describe(), Rule.HOOK_SIGNATURE.value, unknown)
         try:
             registered = MediatorRegistry().register(
                 plugin, name, distribution=record.distribution, version=record.version
@@ -191,6 +220,25 @@ class MediatorUnderTest:
             if impl.hook == name:
                 return impl.function
         return None
+
+
+def _unknown_hooks(plugin: Any) -> str:
+    """What is wrong with the plugin's hook implementations that name no hook of the contract
+    (each with the hook it may mean), or ``""``."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    known = [name for name in dir(hookspecs) if name.startswith("mediator_")]
+    wrong = []
+    for attribute in dir(plugin):
+        options = manager.parse_hookimpl_opts(plugin, attribute)
+        if options is None:
+            continue
+        hook = options.get("specname") or attribute
+        if hook not in known:
+            close = difflib.get_close_matches(hook, known, n=1)
+            wrong.append(hook + (f" (did you mean {close[0]}?)" if close else ""))
+    if not wrong:
+        return ""
+    return f"{', '.join(wrong)}: not a hook of the vfio_mediate contract"
 
 
 def _modules_of(ep: metadata.EntryPoint, plugin: Any) -> frozenset[str]:

@@ -13,29 +13,34 @@ from dataclasses import dataclass
 
 import pytest
 
-from .._errors import ContractViolation, PluginLoadError
+from .._device import MediatedDevice
+from .._errors import MigrationError
 from .._rules import Rule
 from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag
 from ._bench import Bench
 from ._capabilities import Capabilities
 from ._imports import ImportReport, core_imports_by, import_fresh
 from ._machine import check_migration
-from ._mediator import MediatorUnderTest
-from ._plugin import DIRTY_LOGGING_PROPERTY, MEDIATOR_NAME
+from ._mediator import HookCall, MediatorUnderTest
+from ._plugin import DIRTY_LOGGING_PROPERTY, LEDGER, LOADED
 from ._targets import Target, TargetError, decoys_for, targets_from
 from ._traffic import logged_traffic, workload_for
-from ._verdict import RuleFailure, checks, describe, fail, tagged
+from ._verdict import Ledger, checks, describe, fail, reporting_to
 from ._workload import (
     GUEST_IOVA,
     GUEST_SIZE,
+    differences,
     fill,
     guest_memory,
     load_state,
     logged_writes,
     mmap_workload,
     observe,
+    pattern,
+    register_plan,
     rw_workload,
     save_state,
+    shown,
     workout,
 )
 
@@ -58,14 +63,23 @@ class Targets:
 
 @pytest.fixture(scope="module")
 def mediator(request: pytest.FixtureRequest) -> MediatorUnderTest:
-    """The mediator under test, imported from its entry point and registered once."""
-    name = request.node.stash[MEDIATOR_NAME]
-    try:
-        return MediatorUnderTest.load(name)
-    except ContractViolation as exc:
-        raise RuleFailure(tagged(exc.rule, str(exc))) from exc
-    except (LookupError, PluginLoadError) as exc:
-        pytest.fail(f"mediator {name!r} cannot be loaded: {exc}", pytrace=False)
+    """The mediator under test, imported from its entry point and registered once (at
+    collection: a mediator that cannot be loaded has no suite, only a failure saying why)."""
+    loaded: MediatorUnderTest = request.node.stash[LOADED]
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def ledger(request: pytest.FixtureRequest) -> Ledger:
+    """Where each rule the mediator breaks is reported (once)."""
+    found: Ledger = request.node.stash[LEDGER]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _reported(ledger: Ledger) -> Iterator[None]:
+    with reporting_to(ledger):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +100,7 @@ def targets(mediator: MediatorUnderTest) -> Targets:
 @pytest.fixture(scope="module")
 def capabilities(mediator: MediatorUnderTest, targets: Targets) -> Capabilities:
     """What the mediator declares beyond the basic contract."""
-    try:
-        return Capabilities.probe(mediator, list(targets))
-    except ContractViolation as exc:
-        raise RuleFailure(tagged(exc.rule, str(exc))) from exc
+    return Capabilities.probe(mediator, list(targets))
 
 
 @pytest.fixture(scope="module")
@@ -191,23 +202,19 @@ class TestOpen:
         for decoy in targets.decoys:
             since = bench.calls
             with bench.opened(decoy, "decoy") as device:
-                if device.mediator is not None:
-                    (call,) = bench.recorder.of("mediator_open", since)
-                    hint = (
-                        " (0, False and b'' are results that claim a device: decline with None)"
-                        if not call.result
-                        else ""
-                    )
+                (call,) = bench.recorder.of("mediator_open", since)
+                # A falsy result meant to decline breaks open-result (test_open_result says so).
+                if device.mediator is not None and call.result:
                     fail(
                         Rule.OPEN_TARGETS,
                         f"it claimed {decoy}, which is none of its targets: mediator_open "
-                        f"returned {describe(call.result)}{hint}",
+                        f"returned {describe(call.result)}",
                     )
 
     @checks(Rule.OPEN_RESULT)
-    def test_open_result(self, targets: Targets, bench: Bench) -> None:
-        """``mediator_open`` declines by returning ``None``, never by raising; the handle it
-        returns is what every later hook of that device receives."""
+    def test_open_result(self, targets: Targets, capabilities: Capabilities, bench: Bench) -> None:
+        """``mediator_open`` declines by returning ``None``, never by raising nor with another
+        falsy value; the handle it returns is what every later hook of that device receives."""
         for number, target in enumerate([*targets, *targets.decoys]):
             since = bench.calls
             with bench.opened(target, "open") as device:
@@ -218,6 +225,8 @@ class TestOpen:
                         f"mediator_open raised {call.error!r} for {target}: decline a device "
                         "by returning None",
                     )
+                if target in targets.decoys:
+                    _check_decline(call, target, capabilities)
                 if target in targets.decoys or call.result is None:
                     continue
                 workout(device, target, seed=number)
@@ -230,11 +239,22 @@ class TestOpen:
                     )
 
 
+def _check_decline(call: HookCall, decoy: Target, capabilities: Capabilities) -> None:
+    """A mediator that is not a fallback declines a decoy with ``None``, not another falsy
+    value, which claims it (``open-result``)."""
+    if not capabilities.fallback and call.result is not None and not call.result:
+        fail(
+            Rule.OPEN_RESULT,
+            f"mediator_open returned {call.result!r} for {decoy}, which is none of its "
+            "targets: that claims the device (0, False and b'' are handles); decline with None",
+        )
+
+
 class TestRelease:
     """The end of a claim."""
 
     @checks(Rule.RELEASE_ONCE)
-    def test_release_once(self, targets: Targets, bench: Bench) -> None:
+    def test_release_once(self, targets: Targets, capabilities: Capabilities, bench: Bench) -> None:
         """``mediator_release`` runs once, at the last close, with the claimed handle, and
         completes; never for a device it declined."""
         for number, target in enumerate([*targets, *targets.decoys]):
@@ -242,6 +262,8 @@ class TestRelease:
             since = bench.calls
             device.open()
             (opened,) = bench.recorder.of("mediator_open", since)
+            if target in targets.decoys:
+                _check_decline(opened, target, capabilities)
             device.open()
             if device.mediator is not None and target not in targets.decoys:
                 workout(device, target, seed=number)
@@ -269,6 +291,20 @@ class TestRelease:
 
 class TestRegions:
     """What the mediator says about the device's regions."""
+
+    @checks(Rule.REGIONS_RESULT)
+    def test_regions_result(self, targets: Targets, bench: Bench) -> None:
+        """``mediator_regions`` names regions the device has (the core checks it at open);
+        the regions it names, and its own, are the ones mediated."""
+        for target in targets:
+            with bench.opened(target, "mediated") as device:
+                own = {info.index for info in device.regions if info.index >= PCI_NUM_REGIONS}
+                if not own <= device.mediated_regions:
+                    fail(
+                        Rule.REGIONS_RESULT,
+                        f"{target}: its own region(s) {sorted(own - device.mediated_regions)} "
+                        "are not mediated",
+                    )
 
     @checks(Rule.REGION_INFO_VALID)
     def test_region_info_valid(self, targets: Targets, bench: Bench) -> None:
@@ -334,7 +370,7 @@ class TestAccess:
         """Whatever the mediator refuses, it refuses with an ``OSError`` that has an errno."""
         for number, target in enumerate(targets):
             with bench.opened(target, "errors") as device:
-                for refusal in workout(device, target, seed=number):
+                for refusal in workout(device, target, seed=number, dense=True):
                     code = refusal.error.errno
                     if not isinstance(code, int) or code not in errno.errorcode:
                         fail(
@@ -382,45 +418,68 @@ class TestConduct:
     @checks(Rule.ISOLATION)
     def test_isolation(self, targets: Targets, bench: Bench) -> None:
         """Using, resetting, migrating and closing one device changes nothing another device
-        of the same kind shows: region info, flags and (on a plain device) contents."""
+        of the same kind shows: region info, flags and (on a plain device) contents, at every
+        register of its trapped pages, which the first device writes, every one."""
         for target in targets:
             with bench.opened(target, "isolation-b") as other:
+                # Contents are compared on plain devices only: only there does writing every
+                # register (each device its own pattern) pay.
                 for index in sorted(other.mediated_regions):
-                    rw_workload(other, target, index, seed=2)
+                    rw_workload(other, target, index, seed=2, dense=target.is_plain)
                 before = observe(other, target, contents=target.is_plain)
                 with bench.opened(target, "isolation-a") as device:
-                    workout(device, target, seed=1)
+                    workout(device, target, seed=1, dense=target.is_plain)
                 after = observe(other, target, contents=target.is_plain)
-                changed = [key for key, value in before.items() if after.get(key) != value]
+                changed = differences(before, after)
                 if changed:
                     fail(
                         Rule.ISOLATION,
                         f"{target}: using and closing another device of the same kind changed "
-                        f"this one's {', '.join(changed[:4])}",
+                        f"this one's {'; '.join(changed[:3])}",
                     )
                 workout(other, target, seed=3)
 
     @checks(Rule.REOPEN)
     def test_reopen(self, targets: Targets, bench: Bench) -> None:
         """After the last close and a new open the device is claimed again and looks and
-        works as it did the first time."""
+        works as it did: the same region info and flags, the same accesses refused and, on a
+        plain device, the same contents of the device's regions."""
         for number, target in enumerate(targets):
             device = bench.device(target, "reopen")
             with device:
-                first = observe(device, target, contents=False)
                 workout(device, target, seed=number)
+                # Writes every register through the mediator (a mediator may shadow them).
+                refused = _refused(device, target, seed=number)
+                first = observe(device, target, contents=target.is_plain, own_regions=False)
             with device:
                 if first["mediator"] is not None and device.mediator is None:
                     fail(Rule.REOPEN, f"{target}: not claimed again after its last close")
-                again = observe(device, target, contents=False)
-                changed = [key for key, value in first.items() if again.get(key) != value]
+                again = observe(device, target, contents=target.is_plain, own_regions=False)
+                changed = differences(first, again)
                 if changed:
                     fail(
                         Rule.REOPEN,
-                        f"{target}: after close and open again its {', '.join(changed[:4])} "
-                        "changed",
+                        f"{target}: after close and open again its {'; '.join(changed[:3])}",
+                    )
+                now_refused = _refused(device, target, seed=number)
+                if now_refused != refused:
+                    which = sorted(now_refused ^ refused)[0]
+                    was = "refused" if which in refused else "allowed"
+                    fail(
+                        Rule.REOPEN,
+                        f"{target}: the {which[0]} was {was} at the first open, not after "
+                        f"close and open again ({len(now_refused ^ refused)} accesses differ)",
                     )
                 workout(device, target, seed=number)
+
+
+def _refused(device: MediatedDevice, target: Target, seed: int) -> set[tuple[str, int | None]]:
+    """The accesses of every mediated region the mediator refuses now, with their errno."""
+    return {
+        (refusal.what, refusal.error.errno)
+        for index in sorted(device.mediated_regions)
+        for refusal in rw_workload(device, target, index, seed=seed)
+    }
 
 
 class TestMigration:
@@ -449,6 +508,64 @@ class TestMigration:
                 load_state(destination, stream)
                 if destination.migration_state is not S.RUNNING:
                     fail(Rule.MIGRATION, f"{profile.target}: loaded, but not running")
+
+    @checks(Rule.MIGRATION)
+    def test_migration_restores_what_it_saved(
+        self, capabilities: Capabilities, bench: Bench
+    ) -> None:
+        """A device loaded with another's state shows what that one showed through the
+        mediator: its own regions, and on a plain device whatever the mediator shows
+        differently from the device (its shadows), after the source was filled with a
+        pattern through the mediator."""
+        for number, profile in enumerate(capabilities.migrating()):
+            target = profile.target
+            with bench.opened(target, "filled") as source:
+                _fill_through(source, target, seed=number + 7)
+                shows = _mediator_state(source, target)
+                stream = save_state(source)
+            with bench.opened(target, "restored") as destination:
+                load_state(destination, stream)
+                restored = _mediator_state(destination, target)
+            changed = differences(shows, restored)
+            if changed:
+                fail(
+                    Rule.MIGRATION,
+                    f"{target}: after loading the state of a device filled with a pattern, "
+                    f"{'; '.join(changed[:3])}",
+                )
+
+    @checks(Rule.MIGRATION)
+    def test_migration_refuses_another_models_stream(
+        self, capabilities: Capabilities, bench: Bench
+    ) -> None:
+        """A stream saved by a device of one target does not load into a device of another
+        (another vendor or device id): ``mediator_load_state`` refuses it."""
+        kinds = {profile.target.identity: profile.target for profile in capabilities.migrating()}
+        if len(kinds) < 2:
+            pytest.skip(
+                f"mediator {capabilities.mediator!r} migrates one kind of device only: there "
+                "is no other model's stream to offer"
+            )
+        streams = {}
+        for identity, target in kinds.items():
+            with bench.opened(target, "saving") as source:
+                streams[identity] = save_state(source)
+        for identity, target in kinds.items():
+            for other, stream in streams.items():
+                if other == identity:
+                    continue
+                with bench.opened(target, "crossed") as destination:
+                    try:
+                        destination.set_migration_state(S.RESUMING)
+                        destination.write_migration_data(stream)
+                        destination.set_migration_state(S.STOP)
+                    except MigrationError:
+                        continue
+                fail(
+                    Rule.MIGRATION,
+                    f"{target} loaded the stream a device of {kinds[other]} saved: refuse "
+                    "another model's state with OSError(EINVAL)",
+                )
 
     @checks(Rule.MIGRATION)
     def test_migration_state_machine(self, capabilities: Capabilities, bench: Bench) -> None:
@@ -525,3 +642,41 @@ class TestDirtyLogging:
                 "vfio_mediate.workloads named after the model); drive the device with its own "
                 "traffic in the vendor's tests"
             )
+
+
+def _fill_through(device: MediatedDevice, target: Target, seed: int) -> None:
+    """Write a pattern through the mediator: every register of the trapped pages of its own
+    regions and, on a plain device, of the device's mediated regions (refusals are fine)."""
+    for index in sorted(device.mediated_regions):
+        info = device.region_info(index)
+        if not info.flags & RegionFlag.WRITE or (index < PCI_NUM_REGIONS and not target.is_plain):
+            continue
+        for offset, count in register_plan(info):
+            if count == min(4, info.size):
+                try:
+                    device.write(index, offset, pattern(count, seed + offset))
+                except OSError:
+                    continue
+
+
+def _mediator_state(device: MediatedDevice, target: Target) -> dict[str, object]:
+    """What the mediator shows of its own: its regions' contents and, on a plain device, each
+    register of a mediated device region that reads otherwise through the mediator than
+    from the device."""
+    state: dict[str, object] = {}
+    for index in sorted(device.mediated_regions):
+        if index >= PCI_NUM_REGIONS:
+            state.update(shown(device, index))
+        elif target.is_plain:
+            for key, value in shown(device, index).items():
+                if isinstance(value, tuple):
+                    state[key] = tuple(
+                        (offset, read if _shadowed(device, index, offset, read) else None)
+                        for offset, read in value
+                    )
+    return state
+
+
+def _shadowed(device: MediatedDevice, index: int, offset: int, read: object) -> bool:
+    """Whether a register read through the mediator shows other bytes than the device has."""
+    return isinstance(read, bytes) and read != device.backend.read(index, offset, len(read))

@@ -25,13 +25,15 @@ from .._errors import MigrationError
 from .._rules import Rule
 from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag, RegionInfo
 from ._targets import Target
-from ._verdict import fail
+from ._verdict import describe, fail
 
 __all__ = [
+    "ACCESS_SIZES",
     "GUEST_IOVA",
     "GUEST_SIZE",
     "Refusal",
     "access_plan",
+    "differences",
     "drain",
     "fill",
     "guest_memory",
@@ -40,8 +42,11 @@ __all__ = [
     "mmap_workload",
     "observe",
     "pattern",
+    "register_plan",
     "rw_workload",
     "save_state",
+    "shown",
+    "trapped_pages",
     "workout",
 ]
 
@@ -82,6 +87,44 @@ def access_plan(size: int) -> list[tuple[int, int]]:
     return plan
 
 
+ACCESS_SIZES = (1, 2, 4, 8)
+"""The sizes of register accesses: each at every offset it is aligned to, on trapped pages."""
+UNALIGNED_STRIDE = 64
+"""On trapped pages, an access of each size > 1 that straddles its alignment every this many
+bytes (at offset 3 of each stretch)."""
+
+
+def trapped_pages(info: RegionInfo) -> list[int]:
+    """The pages of a region that no mmap-able area covers: every access to them reaches the
+    mediator (a region smaller than a page is one trapped page)."""
+    pages = -(-info.size // PAGE_SIZE)
+    mapped: set[int] = set()
+    for area in info.mmap_areas():
+        mapped.update(range(area.offset // PAGE_SIZE, area.end // PAGE_SIZE))
+    return [page for page in range(pages) if page not in mapped]
+
+
+def register_plan(info: RegionInfo) -> list[tuple[int, int]]:
+    """``(offset, count)`` accesses of a region: on each trapped page every offset with each
+    access size aligned to it, and some that straddle; on mapped pages, the few places of
+    ``access_plan``. A mediator's own region (index >= 9) is its data, not device registers
+    (it may be large: a saved state): its first and last pages are exercised so."""
+    plan: dict[tuple[int, int], None] = {}
+    pages = trapped_pages(info)
+    if info.index >= PCI_NUM_REGIONS:
+        pages = sorted({pages[0], pages[-1]}) if pages else []
+    for page in pages:
+        start, end = page * PAGE_SIZE, min((page + 1) * PAGE_SIZE, info.size)
+        for count in ACCESS_SIZES:
+            for offset in range(start, end - count + 1, count):
+                plan[offset, count] = None
+            if count > 1:
+                for offset in range(start + 3, end - count + 1, UNALIGNED_STRIDE):
+                    plan[offset, count] = None
+    plan.update(dict.fromkeys(access_plan(info.size)))
+    return list(plan)
+
+
 def _where(index: int, offset: int, count: int) -> str:
     return f"region {index} at {offset:#x}+{count:#x}"
 
@@ -90,6 +133,8 @@ def _check_untouched(
     index: int, before: bytes, after: bytes, offset: int, count: int, what: str
 ) -> None:
     end = offset + count
+    if before[:offset] == after[:offset] and before[end:] == after[end:]:
+        return
     for first, last in ((0, offset), (end, len(before))):
         if before[first:last] != after[first:last]:
             changed = next(i for i in range(first, last) if before[i] != after[i])
@@ -109,10 +154,12 @@ def fill(device: MediatedDevice, target: Target, index: int, seed: int) -> None:
         device.backend.write(index, 0, pattern(info.size, seed))
 
 
-def rw_workload(device: MediatedDevice, target: Target, index: int, seed: int) -> list[Refusal]:
-    """Read and write region ``index`` at every place of ``access_plan``; check each result's
-    length and, on a plain device, that no byte outside the access changed. Returns what the
-    mediator refused."""
+def rw_workload(
+    device: MediatedDevice, target: Target, index: int, seed: int, *, dense: bool = True
+) -> list[Refusal]:
+    """Read and write region ``index`` at every place of ``register_plan`` (``dense``) or of
+    ``access_plan``; check each result's length and, on a plain device, that no byte outside
+    the access changed. Returns what the mediator refused."""
     info = device.region_info(index)
     if not info.size:
         return []
@@ -124,10 +171,10 @@ def rw_workload(device: MediatedDevice, target: Target, index: int, seed: int) -
         return device.backend.read(index, 0, info.size) if plain else b""
 
     refusals: list[Refusal] = []
-    for offset, count in access_plan(info.size):
+    before = contents()
+    for offset, count in register_plan(info) if dense else access_plan(info.size):
         value: bytes | None = None
         if readable:
-            before = contents()
             try:
                 value = device.read(index, offset, count)
             except OSError as exc:
@@ -136,11 +183,12 @@ def rw_workload(device: MediatedDevice, target: Target, index: int, seed: int) -
                 if len(value) != count:
                     fail(Rule.RW_RESULT, f"read of {_where(index, offset, count)} gave {value!r}")
             if plain:
-                _check_untouched(index, before, contents(), offset, count, "read")
+                after = contents()
+                _check_untouched(index, before, after, offset, count, "read")
+                before = after
         data = pattern(count, seed + offset + 1) if plain else value
         if not writable or data is None:
             continue
-        before = contents()
         try:
             written = device.write(index, offset, data)
         except OSError as exc:
@@ -149,7 +197,9 @@ def rw_workload(device: MediatedDevice, target: Target, index: int, seed: int) -
             if written != count:
                 fail(Rule.RW_RESULT, f"write of {_where(index, offset, count)} wrote {written}")
         if plain:
-            _check_untouched(index, before, contents(), offset, count, "write")
+            after = contents()
+            _check_untouched(index, before, after, offset, count, "write")
+            before = after
     return refusals
 
 
@@ -296,7 +346,8 @@ def guest_pages(iova: int, length: int, size: int = GUEST_SIZE) -> range:
 def logged_writes(
     device: MediatedDevice, target: Target, seed: int
 ) -> tuple[set[int], set[int], list[Refusal]]:
-    """Log dirty pages of the guest memory while every region is read and written.
+    """Log dirty pages of the guest memory while every region is read and written at the
+    places of ``access_plan`` (a mediator may do much per access while logging).
 
     Returns the pages the device really wrote by DMA (``DmaSpace.watch``, which no real device
     offers), the pages the log reported, and the refused accesses.
@@ -311,7 +362,7 @@ def logged_writes(
             device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
             try:
                 for info in device.regions:
-                    refusals += rw_workload(device, target, info.index, seed)
+                    refusals += rw_workload(device, target, info.index, seed, dense=False)
                 bitmap = device.dma_logging_report(GUEST_IOVA, GUEST_SIZE, PAGE_SIZE)
             finally:
                 device.dma_logging_stop()
@@ -320,9 +371,12 @@ def logged_writes(
     return written, set(bitmap_pages(bitmap)), refusals
 
 
-def workout(device: MediatedDevice, target: Target, seed: int) -> list[Refusal]:
+def workout(
+    device: MediatedDevice, target: Target, seed: int, *, dense: bool = False
+) -> list[Refusal]:
     """Drive every hook once on an open device: region info, accesses of every mediated
-    region, mmaps, a save and a load of its state, dirty logging, reset.
+    region (at every register with ``dense``, else at a few places), mmaps, a save and a load
+    of its state, dirty logging, reset.
 
     Refused accesses are returned; a migration of its own state that fails fails the test.
     """
@@ -330,7 +384,7 @@ def workout(device: MediatedDevice, target: Target, seed: int) -> list[Refusal]:
     for index in range(device.device_info().num_regions):
         device.region_info(index)
     for index in sorted(device.mediated_regions):
-        refusals += rw_workload(device, target, index, seed)
+        refusals += rw_workload(device, target, index, seed, dense=dense)
     refusals += mmap_workload(device, target, verify=False)
     if device.migration_flags:
         load_state(device, save_state(device))
@@ -346,10 +400,13 @@ def workout(device: MediatedDevice, target: Target, seed: int) -> list[Refusal]:
     return refusals
 
 
-def observe(device: MediatedDevice, target: Target, *, contents: bool) -> dict[str, Any]:
+def observe(
+    device: MediatedDevice, target: Target, *, contents: bool, own_regions: bool = True
+) -> dict[str, Any]:
     """What a client sees of an open device: its mediator, mediated regions, region info,
-    migration flags and, with ``contents``, the bytes at every place of ``access_plan`` of
-    each mediated region."""
+    migration flags and, with ``contents``, what each mediated region shows: every 4-byte
+    register of its trapped pages and the places of ``access_plan`` (``own_regions``: of the
+    mediator's own regions too)."""
     seen: dict[str, Any] = {
         "mediator": device.mediator.name if device.mediator else None,
         "mediated regions": sorted(device.mediated_regions),
@@ -359,13 +416,51 @@ def observe(device: MediatedDevice, target: Target, *, contents: bool) -> dict[s
         seen[f"region {index} info"] = device.region_info(index).to_plain()
     if contents:
         for index in sorted(device.mediated_regions):
-            info = device.region_info(index)
-            if not info.flags & RegionFlag.READ:
-                continue
-            for offset, count in access_plan(info.size):
-                try:
-                    value: Any = device.read(index, offset, count)
-                except OSError as exc:
-                    value = f"refused ({exc.errno})"
-                seen[f"{_where(index, offset, count)} contents"] = value
+            if own_regions or index < PCI_NUM_REGIONS:
+                seen.update(shown(device, index))
     return seen
+
+
+def shown(device: MediatedDevice, index: int) -> dict[str, Any]:
+    """What region ``index`` shows through the mediator: per trapped page, each 4-byte
+    register's ``(offset, bytes or refusal)``; each other place of ``access_plan`` alone."""
+    info = device.region_info(index)
+    if not info.flags & RegionFlag.READ or not info.size:
+        return {}
+
+    def value(offset: int, count: int) -> Any:
+        try:
+            return device.read(index, offset, count)
+        except OSError as exc:
+            return f"refused ({exc.errno})"
+
+    seen: dict[str, Any] = {}
+    trapped = trapped_pages(info)
+    width = min(4, info.size)
+    for page in trapped:
+        start, end = page * PAGE_SIZE, min((page + 1) * PAGE_SIZE, info.size)
+        seen[f"region {index} page {page:#x} contents"] = tuple(
+            (offset, value(offset, width)) for offset in range(start, end - width + 1, width)
+        )
+    for offset, count in access_plan(info.size):
+        if offset // PAGE_SIZE not in trapped:
+            seen[f"{_where(index, offset, count)} contents"] = value(offset, count)
+    return seen
+
+
+def differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What changed from one ``observe`` to another: each key, and for a page the first
+    register that changed (``offset: before -> after``)."""
+    changed = []
+    for key, was in before.items():
+        now = after.get(key)
+        if now == was:
+            continue
+        if isinstance(was, tuple) and isinstance(now, tuple) and len(was) == len(now):
+            offset, old, new = next(
+                (a[0], a[1], b[1]) for a, b in zip(was, now, strict=True) if a != b
+            )
+            changed.append(f"{key} at {offset:#x} ({describe(old)} -> {describe(new)})")
+        else:
+            changed.append(f"{key} ({describe(was)} -> {describe(now)})")
+    return changed

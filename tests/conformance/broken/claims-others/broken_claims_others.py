@@ -1,14 +1,14 @@
-"""Broken on purpose (open-targets): declines with False, which claims the device."""
+"""Broken on purpose (open-targets): claims every device it is offered, its targets or not."""
 
 from typing import Any
 
-from sample_mediator import SampleMediator, hookimpl
+from sample_mediator import SampleHandle, SampleMediator, hookimpl
 
 
 class ClaimsOthers(SampleMediator):
     @hookimpl
     def mediator_open(self, device: Any) -> Any:
-        return super().mediator_open(device) or False
+        return SampleHandle(device)
 
 
 plugin = ClaimsOthers()

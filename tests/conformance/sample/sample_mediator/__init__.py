@@ -43,6 +43,9 @@ class SampleHandle:
         self.device = device
         self.scratch = bytearray(SCRATCH_SIZE)
         self.log: Any = None
+        # A saved state names the device it came from: another model's does not load.
+        identity = device.vendor_id.to_bytes(2, "little") + device.device_id.to_bytes(2, "little")
+        self.state_header: bytes = STATE_MAGIC + identity
 
 
 class SampleMediator:
@@ -136,15 +139,16 @@ class SampleMediator:
     def mediator_set_state(self, handle: SampleHandle, current: int, new: int) -> bytes | None:
         """Arcs into a saving state save the scratch region."""
         if new in SAVING:
-            return STATE_MAGIC + bytes(handle.scratch)
+            return handle.state_header + bytes(handle.scratch)
         return None
 
     @hookimpl
     def mediator_load_state(self, handle: SampleHandle, data: bytes) -> None:
-        """Load a state this mediator saved; refuse anything else."""
-        if len(data) != len(STATE_MAGIC) + SCRATCH_SIZE or not data.startswith(STATE_MAGIC):
-            raise OSError(errno.EINVAL, "not a sample mediator state")
-        handle.scratch[:] = data[len(STATE_MAGIC) :]
+        """Load a state this mediator saved for a device like this one; refuse anything else."""
+        header = handle.state_header
+        if len(data) != len(header) + SCRATCH_SIZE or not data.startswith(header):
+            raise OSError(errno.EINVAL, "not a sample mediator state of this device model")
+        handle.scratch[:] = data[len(header) :]
 
     @hookimpl
     def mediator_dma_logging_start(self, handle: SampleHandle, log: Any) -> None:
