@@ -11,9 +11,17 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import final
 
+from ._dma_memory import (
+    OFFSET_LIMIT,
+    FileMemory,
+    OpenFiles,
+    fd_access_problem,
+    map_shared,
+    sealed_against_shrinking,
+)
 from ._errors import AccessError
 
 __all__ = ["DmaMapping", "DmaSpace", "RemoteMemory"]
@@ -36,7 +44,9 @@ class RemoteMemory:
 
 @dataclass(eq=False)
 class DmaMapping:
-    """One mapped IOVA range: backed by a buffer (``memory``) or by ``remote`` messages."""
+    """One mapped IOVA range, backed by exactly one of: a buffer (``memory``), a file read and
+    written by ``pread``/``pwrite`` (``file``, for memory that can shrink) or ``remote``
+    messages."""
 
     iova: int
     size: int
@@ -44,7 +54,7 @@ class DmaMapping:
     writable: bool
     memory: memoryview | None = None
     remote: RemoteMemory | None = None
-    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    file: FileMemory | None = None
 
     @property
     def end(self) -> int:
@@ -52,15 +62,16 @@ class DmaMapping:
         return self.iova + self.size
 
     def close(self) -> None:
-        """Drop the mapping's memory (unmap it if the space mapped it)."""
+        """Drop the mapping's memory. Memory the space mapped is unmapped with the last view
+        of it; a file's fd is closed with the file's last mapping."""
         if self.memory is not None:
-            self.memory.release()
-            self.memory = None
-        if self._mmap is not None:
-            # A device may still hold a view of the memory: then it is unmapped with the last.
+            # Still exported (a buffer taken from it): then the memory goes with that.
             with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+                self.memory.release()
+            self.memory = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 WriteWatcher = Callable[[int, int], None]
@@ -81,6 +92,7 @@ class DmaSpace:
         self._starts: list[int] = []
         self._maps: list[DmaMapping] = []
         self._watchers: tuple[WriteWatcher, ...] = ()
+        self._files = OpenFiles()
 
     def map_memory(
         self,
@@ -104,33 +116,63 @@ class DmaSpace:
         readable: bool = True,
         writable: bool = True,
     ) -> DmaMapping:
-        """Map ``size`` bytes of the file ``fd`` from ``offset`` at ``iova`` (shared mapping).
+        """Map ``size`` bytes of the file ``fd`` from ``offset`` at ``iova`` (shared with
+        whoever else has the file); the caller keeps ownership of ``fd``.
 
-        The space maps the file itself; the caller keeps ownership of ``fd``.
+        Memory that cannot shrink (a memfd sealed against it, sealed here if it allows
+        sealing) is mapped and holds no fd. Anything else (a file on disk, tmpfs or hugetlbfs;
+        a memfd without seals; a device) is reached by ``pread``/``pwrite`` through one fd per
+        file, so that a peer's truncation makes a DMA fail with EFAULT instead of killing the
+        process with SIGBUS; device memory without read/write (/dev/dax) is mapped; the rest
+        (hugetlbfs for a writable mapping, pipes) is refused with ``AccessError(EINVAL)``
+        naming the reason, and a file past ``MAX_OPEN_FILES`` with ``ENOSPC``.
         """
-        if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        if (
+            size <= 0
+            or offset < 0
+            or offset % mmap.ALLOCATIONGRANULARITY
+            or offset + size > OFFSET_LIMIT
+        ):
             raise AccessError(errno.EINVAL, f"bad DMA mapping size {size:#x} or offset {offset:#x}")
         try:
             status = os.fstat(fd)
         except OSError as exc:
             raise AccessError(errno.EBADF, f"cannot map fd {fd} for DMA: {exc}") from exc
         if stat.S_ISREG(status.st_mode) and status.st_size < offset + size:
-            # Touching a shared mapping past the end of its file raises SIGBUS in the process.
             raise AccessError(
                 errno.EINVAL,
                 f"fd {fd} holds {status.st_size:#x} bytes, less than {offset:#x}+{size:#x}",
             )
-        _forbid_shrinking(fd)
-        prot = (mmap.PROT_READ if readable else 0) | (mmap.PROT_WRITE if writable else 0)
-        try:
-            mapped = mmap.mmap(
-                fd, size, flags=mmap.MAP_SHARED, prot=prot or mmap.PROT_READ, offset=offset
+        with self._lock:
+            if sealed_against_shrinking(fd, status):
+                return self._add_mapped(iova, size, fd, offset, readable, writable)
+            problem = fd_access_problem(fd, offset, writable=writable)
+            if problem is None:
+                file = self._files.memory(fd, status, offset)
+                return self._add_closing(DmaMapping(iova, size, readable, writable, file=file))
+            if stat.S_ISCHR(status.st_mode):
+                # Device memory without read/write (/dev/dax) has no size to lose.
+                return self._add_mapped(iova, size, fd, offset, readable, writable)
+            raise AccessError(
+                errno.EINVAL,
+                f"fd {fd} may shrink under a mapping (a SIGBUS would kill the server) and "
+                f"cannot be {problem}; give memory sealed against shrinking, e.g. "
+                "memory-backend-memfd,seal=on",
             )
-        except (OSError, ValueError) as exc:
-            raise AccessError(errno.EINVAL, f"cannot map fd {fd} for DMA: {exc}") from exc
-        mapping = DmaMapping(
-            iova, size, readable, writable, memory=memoryview(mapped), _mmap=mapped
-        )
+
+    def _add_mapped(
+        self, iova: int, size: int, fd: int, offset: int, readable: bool, writable: bool
+    ) -> DmaMapping:
+        try:
+            memory = map_shared(fd, size, offset, writable=writable)
+        except OSError as exc:
+            # ENOMEM: out of address space or of mappings (vm.max_map_count), not a bad request
+            code = errno.ENOMEM if exc.errno == errno.ENOMEM else errno.EINVAL
+            raise AccessError(code, f"cannot map fd {fd} for DMA: {exc.strerror}") from exc
+        return self._add_closing(DmaMapping(iova, size, readable, writable, memory=memory))
+
+    def _add_closing(self, mapping: DmaMapping) -> DmaMapping:
+        """``_add``, closing the mapping's memory when it is refused."""
         try:
             return self._add(mapping)
         except AccessError:
@@ -182,6 +224,12 @@ class DmaSpace:
             self._maps.clear()
 
     @property
+    def open_files(self) -> int:
+        """How many fds the space holds (one per file reached by ``pread``/``pwrite``)."""
+        with self._lock:
+            return len(self._files)
+
+    @property
     def mappings(self) -> tuple[DmaMapping, ...]:
         """The current mappings, by IOVA."""
         with self._lock:
@@ -229,6 +277,8 @@ class DmaSpace:
             for mapping, offset, piece in self._pieces(iova, length, write=False):
                 if mapping.memory is not None:
                     chunks.append(bytes(mapping.memory[offset : offset + piece]))
+                elif mapping.file is not None:
+                    chunks.append(mapping.file.read(offset, piece))
                 else:
                     assert mapping.remote is not None
                     chunks.append((mapping.remote, offset, piece))
@@ -246,6 +296,8 @@ class DmaSpace:
             for mapping, offset, piece in self._pieces(iova, len(data), write=True):
                 if mapping.memory is not None:
                     mapping.memory[offset : offset + piece] = data[done : done + piece]
+                elif mapping.file is not None:
+                    mapping.file.write(offset, data[done : done + piece])
                 else:
                     assert mapping.remote is not None
                     remote.append((mapping.remote, offset, bytes(data[done : done + piece])))
@@ -258,24 +310,6 @@ class DmaSpace:
 
 
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-
-
-def _forbid_shrinking(fd: int) -> None:
-    """Make sure a memfd cannot shrink under our mapping (a peer's ``ftruncate`` would turn our
-    next access into SIGBUS and kill every device of the process). Other files (a VMM's file
-    backend) cannot be sealed; for them only the size check at map time holds."""
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        return  # not a memfd
-    if seals & fcntl.F_SEAL_SHRINK:
-        return
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except OSError as exc:
-        raise AccessError(
-            errno.EINVAL, f"memfd {fd} may shrink and cannot be sealed against it: {exc}"
-        ) from exc
 
 
 def anonymous_memory(size: int, name: str = "vfio-mediate") -> tuple[int, mmap.mmap]:

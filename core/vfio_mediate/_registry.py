@@ -13,7 +13,14 @@ from typing import Any, NamedTuple, final
 import pluggy
 
 from . import hookspecs
-from ._entry_points import MEDIATOR_GROUP, PluginRecord, Priority, entry_points, load_entry_point
+from ._entry_points import (
+    ENV_DISABLE,
+    MEDIATOR_GROUP,
+    PluginRecord,
+    Priority,
+    entry_points,
+    load_entry_point,
+)
 from ._errors import (
     DuplicateMediatorError,
     MediatorInUseError,
@@ -172,6 +179,27 @@ class MediatorRegistry:
         with self._lock:
             return tuple(self._failures)
 
+    def require_loaded(self) -> None:
+        """Raise ``PluginLoadError`` naming every mediator entry point that failed to load,
+        its error and how to go on without it (``VFIO_MEDIATE_DISABLE``).
+
+        A device such a mediator would have claimed would otherwise be served unmediated
+        (its traps and migration gone) as if nothing were wrong: serving refuses instead.
+        """
+        failures = self.failures
+        if not failures:
+            return
+        which, it = ("mediator", "it") if len(failures) == 1 else ("mediators", "they")
+        plugins = ", ".join(record.describe() for record in failures)
+        errors = "; ".join(_one_line(record) for record in failures)
+        names = ",".join(record.name for record in failures)
+        raise PluginLoadError(
+            f"{which} {plugins}",
+            f"failed to load: {errors}; a device {it} would claim would be served unmediated "
+            f"(no traps, no migration). Fix or uninstall, or leave {it} out: "
+            f"{ENV_DISABLE}={names}",
+        )
+
     def get(self, name: str) -> PluginRecord:
         """The registered mediator ``name``."""
         with self._lock:
@@ -233,6 +261,13 @@ class MediatorRegistry:
         """Drop ``owner``'s use of ``record`` (the device closed)."""
         with self._lock:
             record.users.discard(owner)
+
+
+def _one_line(record: PluginRecord) -> str:
+    """``name: error`` on one line, without the record's description twice."""
+    error = record.error or ""
+    error = error.removeprefix(f"{record.describe()}: ")
+    return f"{record.name}: {' '.join(error.split())}"
 
 
 def _positional(function: Any, argnames: Iterable[str], spec_argnames: Iterable[str]) -> Any:

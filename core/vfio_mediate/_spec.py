@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -132,13 +133,31 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
+def _not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
+    """Why a spec file is not the UTF-8 that TOML must be, naming a common culprit."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "not UTF-8 but UTF-16 (TOML files are UTF-8)"
+    return f"not UTF-8 (TOML files are UTF-8): byte {raw[error.start]:#04x} at offset {error.start}"
+
+
 def load_spec(path: str | Path) -> DeviceSpec:
     """Load a device spec from a TOML file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as exc:
         raise DeviceSpecError(f"{path}: cannot read device spec: {exc.strerror}") from exc
+    try:
+        text = raw.decode("utf-8-sig")  # an editor's byte order mark is no reason to refuse
+    except UnicodeDecodeError as exc:
+        raise DeviceSpecError(f"{path}: {_not_utf8(raw, exc)}; save it as UTF-8") from exc
+    if "\x00" in text:
+        raise DeviceSpecError(
+            f"{path}: not UTF-8 text (NUL bytes: UTF-16 without a byte order mark?); "
+            "save it as UTF-8"
+        )
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise DeviceSpecError(f"{path}: not valid TOML: {exc}") from exc
     data.setdefault("name", path.stem)

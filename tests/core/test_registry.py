@@ -62,7 +62,8 @@ def test_broken_plugins_are_reported_and_the_others_work(
 ) -> None:
     registry = MediatorRegistry.from_entry_points()
     failures = {record.name: record for record in registry.failures}
-    assert set(failures) == {"broken-import", "broken-signature"}
+    assert set(failures) == {"broken-import", "broken-signature", "hook-typo"}
+    assert "mediator_get_region_inof is not a hook" in (failures["hook-typo"].error or "")
     assert "ModuleNotFoundError" in (failures["broken-import"].error or "")
     assert failures["broken-import"].distribution == "broken-import"
     assert failures["broken-import"].version == "0.0.1"
@@ -76,6 +77,32 @@ def test_broken_plugins_are_reported_and_the_others_work(
         assert device.mediator is not None and device.mediator.name == "vendor-first"
     assert "'raising-open' (raising-open 0.0.3) raised in mediator_open" in caplog.text
     assert "firmware handshake failed" in caplog.text
+
+
+BROKEN = "broken-import,broken-signature,hook-typo"
+
+
+def test_require_loaded_names_each_failed_mediator_and_how_to_go_on_without_it(
+    with_test_plugins: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = MediatorRegistry.from_entry_points()
+    with pytest.raises(PluginLoadError) as refused:
+        registry.require_loaded()
+    message = str(refused.value)
+    assert "\n" not in message
+    for described in (
+        "'broken-import' (broken-import 0.0.1)",
+        "'broken-signature' (broken-signature 0.0.2)",
+        "'hook-typo' (hook-typo 0.0.4)",
+    ):
+        assert described in refused.value.plugin
+    assert "No module named 'a_module_that_does_not_exist'" in message
+    assert "mediator_get_region_inof is not a hook" in message
+    assert "served unmediated" in message
+    assert message.endswith(f"VFIO_MEDIATE_DISABLE={BROKEN}")
+    monkeypatch.setenv("VFIO_MEDIATE_DISABLE", BROKEN)
+    MediatorRegistry.from_entry_points().require_loaded()
+    MediatorRegistry().require_loaded()  # nothing from entry points: nothing failed
 
 
 def test_disable_keeps_a_plugin_from_being_imported(

@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
         "pytest, e.g. -x, -q, -k rw. The exit status is pytest's.",
     )
     parser.add_argument("name", metavar="NAME", help="the mediator's entry-point name")
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
+    rest = parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
+    rest.required = False  # argparse would name it among the missing arguments without NAME
     parser.set_defaults(func=run)
 
 

@@ -33,6 +33,7 @@ from .._errors import VfioMediateError
 from .._migrate import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
 from .._registry import MediatorRegistry
 from ..server import VfioUserClient
+from ._arguments import count, memory_mib
 
 GUEST_IOVA = 0x1_0000_0000
 BAR_WIDTH = 30
@@ -67,13 +68,13 @@ def register(subparsers: Any) -> None:
         metavar="MODEL",
         help="a device model with a guest workload (default: the first installed one, by name)",
     )
-    parser.add_argument("--memory", type=int, default=16, metavar="MIB", help="guest memory")
-    parser.add_argument("--rounds", type=int, default=8, help="most pre-copy rounds")
+    parser.add_argument("--memory", type=memory_mib, default=16, metavar="MIB", help="guest memory")
+    parser.add_argument("--rounds", type=count, default=8, help="most pre-copy rounds")
     parser.add_argument(
-        "--stop-pages", type=int, default=64, metavar="N", help="stop when a round copies <= N"
+        "--stop-pages", type=count, default=64, metavar="N", help="stop when a round copies <= N"
     )
     parser.add_argument(
-        "--slices", type=int, default=20, metavar="N", help="guest slices before and after"
+        "--slices", type=count, default=20, metavar="N", help="guest slices before and after"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the guest's traffic")
     parser.add_argument(
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             served_by = "over vfio-user, each device in a vfio-mediate serve process of its own"
         else:
             registry = MediatorRegistry.from_entry_points()
+            registry.require_loaded()
             local = [_local_side(stack, model, role, registry, size) for role in _ROLES]
             winner = local[0][0].mediator
             served_by = f"mediator {winner.name if winner else 'none'}"

@@ -19,7 +19,9 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "probe",
         help="show which mediator claims a device and its region table",
-        description="Open a device once, as a VMM would, and show the winner and its regions.",
+        description="Open a device once, as a VMM would, and show the winner and its regions. "
+        "Refuses while an installed mediator failed to load (VFIO_MEDIATE_DISABLE=NAME leaves "
+        "it out).",
     )
     parser.add_argument(
         "--device",
@@ -49,8 +51,10 @@ def region_row(info: RegionInfo, mediated: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Open the device under every installed mediator and report the winner."""
+    """Open the device under every installed mediator and report the winner; refuses while
+    an installed mediator failed to load (the device could be its and show "passthrough")."""
     registry = MediatorRegistry.from_entry_points()
+    registry.require_loaded()
     backend = create_device(args.device or default_device_model())
     try:
         with MediatedDevice(backend, registry) as device:

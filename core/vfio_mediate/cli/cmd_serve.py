@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
             "$XDG_RUNTIME_DIR/vfio-mediate (or a private directory in the temporary directory). "
             "A device name already taken (a SPEC given again) gets -1, -2... added. Logs one "
             "line per session; 'vfio-mediate -v serve' also logs each refused request and why, "
-            "-vv adds debugging detail."
+            "-vv adds debugging detail. Refuses to start while an installed mediator failed to "
+            "load (VFIO_MEDIATE_DISABLE=NAME leaves it out)."
         ),
     )
     parser.add_argument(
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         # One line per session at the default verbosity; refused requests wait for -v.
         logging.getLogger(SESSIONS_LOGGER_NAME).setLevel(logging.INFO)
     registry = MediatorRegistry.from_entry_points()
+    registry.require_loaded()  # never serve a broken mediator's devices unmediated
     backends: list[EmulatedPciDevice] = []
     try:
         _create_devices(specs, backends)
