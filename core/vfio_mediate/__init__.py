@@ -9,7 +9,8 @@ VFIO numbers and types they share, and the errors below are every error the core
 
 from ._backend import DeviceBackend
 from ._device import MediatedDevice
-from ._devices import create_device
+from ._device_factory import create_device
+from ._device_view import DeviceView
 from ._dirty import DirtyLog
 from ._dma import DmaSpace, anonymous_memory
 from ._entry_points import PluginRecord
@@ -27,8 +28,7 @@ from ._errors import (
     RegistryError,
     VfioMediateError,
 )
-from ._mediator_view import MediatorDevice
-from ._migrate import LiveMigration, MigratableDevice, MigrationReport, Workload
+from ._live_migration import LiveMigration, MigratableDevice, MigrationReport, Workload
 from ._pci import EmulatedPciDevice
 from ._registry import MediatorRegistry
 from ._rules import Rule
@@ -42,13 +42,13 @@ __all__ = [
     "DeviceNotOpenError",
     "DeviceSpec",
     "DeviceSpecError",
+    "DeviceView",
     "DirtyLog",
     "DmaSpace",
     "DuplicateMediatorError",
     "EmulatedPciDevice",
     "LiveMigration",
     "MediatedDevice",
-    "MediatorDevice",
     "MediatorInUseError",
     "MediatorRegistry",
     "MigratableDevice",

@@ -15,13 +15,13 @@ from typing import Any, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
 from ._device_migration import DeviceMigration
+from ._device_view import DeviceView
 from ._dma import DmaMapping, DmaSpace, RemoteMemory
 from ._dma_logging import DmaLogging
 from ._entry_points import PluginRecord
 from ._errors import AccessError, DeviceNotOpenError
 from ._hook_types import Device
-from ._irqs import IrqRouting
-from ._mediator_view import MediatorDevice
+from ._irq_routing import IrqRouting
 from ._regions import RegionEntry, RegionTable
 from ._registry import MediatorRegistry
 from ._rules import Rule
@@ -112,7 +112,7 @@ class MediatedDevice:
         return self._winner.handle if self._winner else None
 
     def _attach(self) -> None:
-        view: Device = MediatorDevice(self.backend)  # the contract's type, checked here
+        view: Device = DeviceView(self.backend)  # the contract's type, checked here
         winner = WinningMediator.search(self.registry, view, self)
         if winner is not None:
             logger.info("%s claimed by mediator %s", self.name, winner.record.describe())

@@ -7,7 +7,7 @@ import struct
 from typing import final
 
 from ._errors import ContractViolation, MigrationError
-from ._migration import SAVING_ARCS, migration_path
+from ._migration_arcs import SAVING_ARCS, migration_path
 from ._rules import Rule
 from ._winner import WinningMediator
 from .uapi import MigrationFlag, MigrationState

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._errors import PluginLoadError, RegistryError
 
 if TYPE_CHECKING:
-    from ._migrate import Workload
+    from ._live_migration import Workload
 
 __all__ = [
     "DEVICE_GROUP",

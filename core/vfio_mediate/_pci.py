@@ -34,10 +34,10 @@ from .uapi import (
     SparseMmapArea,
 )
 
-__all__ = ["Config", "DeviceBus", "EmulatedPciDevice"]
+__all__ = ["DeviceBus", "EmulatedPciDevice", "PciConfig"]
 
 
-class Config:
+class PciConfig:
     """Offsets and bits of the type 0 config header and the capabilities this device has."""
 
     VENDOR_ID = 0x00
@@ -116,7 +116,7 @@ class DeviceBus:
     @property
     def bus_master(self) -> bool:
         """Whether the command register lets the device do DMA."""
-        return self._device.config_word(Config.COMMAND) & Config.COMMAND_MASTER != 0
+        return self._device.config_word(PciConfig.COMMAND) & PciConfig.COMMAND_MASTER != 0
 
 
 @final
@@ -172,7 +172,7 @@ class EmulatedPciDevice:
         struct.pack_into("<" + fmt, self._wmask, offset, wmask)
 
     def _build_config(self) -> None:
-        spec, c = self.spec, Config
+        spec, c = self.spec, PciConfig
         self._put(c.VENDOR_ID, "H", spec.vendor_id)
         self._put(c.DEVICE_ID, "H", spec.device_id)
         self._put(c.COMMAND, "H", 0, c.COMMAND_WRITABLE)
@@ -314,7 +314,7 @@ class EmulatedPciDevice:
             with self._lock:
                 self._config_write(offset, data)
             if self.spec.msix is not None and _overlaps(
-                offset, len(data), Config.MSIX_CAP + Config.MSIX_CONTROL, 2
+                offset, len(data), PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL, 2
             ):
                 self._deliver_pending(range(self.spec.msix.vectors))  # function unmasked?
             return len(data)
@@ -332,8 +332,8 @@ class EmulatedPciDevice:
             and msix.table_bar == index
             and _overlaps(offset, len(data), msix.table_offset, msix.table_size)
         ):
-            first = max(0, offset - msix.table_offset) // Config.MSIX_ENTRY_SIZE
-            last = (offset + len(data) - 1 - msix.table_offset) // Config.MSIX_ENTRY_SIZE
+            first = max(0, offset - msix.table_offset) // PciConfig.MSIX_ENTRY_SIZE
+            last = (offset + len(data) - 1 - msix.table_offset) // PciConfig.MSIX_ENTRY_SIZE
             self._deliver_pending(range(first, min(last, msix.vectors - 1) + 1))
         return len(data)
 
@@ -451,10 +451,14 @@ class EmulatedPciDevice:
     def _msix_masked(self, vector: int) -> bool:
         msix = self.spec.msix
         assert msix is not None
-        control = self.config_word(Config.MSIX_CAP + Config.MSIX_CONTROL)
+        control = self.config_word(PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL)
         table = self._bars[msix.table_bar][3]
-        entry = msix.table_offset + vector * Config.MSIX_ENTRY_SIZE + Config.MSIX_ENTRY_CONTROL
-        return bool(control & Config.MSIX_FUNCTION_MASK or table[entry] & Config.MSIX_ENTRY_MASKED)
+        entry = (
+            msix.table_offset + vector * PciConfig.MSIX_ENTRY_SIZE + PciConfig.MSIX_ENTRY_CONTROL
+        )
+        return bool(
+            control & PciConfig.MSIX_FUNCTION_MASK or table[entry] & PciConfig.MSIX_ENTRY_MASKED
+        )
 
     def _vector_pending(self, vector: int) -> bool:
         msix = self.spec.msix

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from vfio_mediate import MigrationError
-from vfio_mediate._migration import ARCS, migration_path
+from vfio_mediate._migration_arcs import ARCS, migration_path
 from vfio_mediate.uapi import MigrationFlag, MigrationState
 
 S = MigrationState

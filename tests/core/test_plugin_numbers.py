@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from i40e_mediator import guest, mediator, model, registers
 
-from vfio_mediate._pci import Config
+from vfio_mediate._pci import PciConfig
 from vfio_mediate._spec import MSIX_ENTRY_SIZE, DeviceSpec
 from vfio_mediate.uapi import (
     PAGE_SIZE,
@@ -39,9 +39,9 @@ def test_the_i40e_mediator_copies_the_uapi() -> None:
 def test_the_i40e_guest_and_model_copy_the_uapi_and_pci() -> None:
     assert guest.CONFIG_REGION == RegionIndex.CONFIG
     assert guest.MSIX_IRQ_INDEX == IrqIndex.MSIX
-    assert guest.PCI_COMMAND == Config.COMMAND
-    assert guest.PCI_COMMAND_MEMORY == Config.COMMAND_MEMORY
-    assert guest.PCI_COMMAND_MASTER == Config.COMMAND_MASTER
+    assert guest.PCI_COMMAND == PciConfig.COMMAND
+    assert guest.PCI_COMMAND_MEMORY == PciConfig.COMMAND_MEMORY
+    assert guest.PCI_COMMAND_MASTER == PciConfig.COMMAND_MASTER
     assert registers.PAGE_SIZE == PAGE_SIZE
     assert registers.MSIX_ENTRY_SIZE == MSIX_ENTRY_SIZE
 

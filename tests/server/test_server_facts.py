@@ -9,7 +9,7 @@ from pathlib import Path
 import vfio_mediate.cli
 import vfio_mediate.server
 from vfio_mediate.cli import build_parser
-from vfio_mediate.server import LOGGER_NAME, SESSIONS_LOGGER_NAME, Capabilities
+from vfio_mediate.server import LOGGER_NAME, SESSIONS_LOGGER_NAME, VfioUserCapabilities
 from vfio_mediate.uapi import PAGE_SIZE
 
 SERVER = Path(vfio_mediate.server.__file__).parent
@@ -30,7 +30,7 @@ def test_the_server_logger_names_are_spelled_once() -> None:
 
 def test_the_page_size_is_the_uapi_one() -> None:
     assert sources_matching(r"PAGE_SIZE = ") == []
-    assert Capabilities().pgsizes == PAGE_SIZE
+    assert VfioUserCapabilities().pgsizes == PAGE_SIZE
 
 
 def test_no_subcommand_names_a_device_model() -> None:

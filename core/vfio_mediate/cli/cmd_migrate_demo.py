@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
 from .._dma import anonymous_memory
 from .._entry_points import default_device_model, find_workload
 from .._errors import VfioMediateError
-from .._migrate import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
+from .._live_migration import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
 from .._registry import MediatorRegistry
 from ..server import VfioUserClient
 from ._arguments import count, memory_mib

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
 from .._entry_points import default_device_model
 from .._registry import MediatorRegistry
 from ..uapi import PCI_NUM_REGIONS, RegionFlag, RegionIndex, RegionInfo

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
 from .._entry_points import default_device_model
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry

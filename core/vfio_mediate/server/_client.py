@@ -51,12 +51,12 @@ from ._codec import (
     WRITE_MULTI_COUNT,
     WRITE_MULTI_ENTRY,
     WRITE_MULTI_MAX_DATA,
-    Capabilities,
     Command,
     DmaFlag,
     DmaLayout,
     HeaderFlag,
     ProtocolError,
+    VfioUserCapabilities,
     decode_capabilities,
     decode_dma_request,
     decode_region_info,
@@ -133,7 +133,7 @@ class VfioUserClient:
         self.sock = sock
         self.dma_layout = dma_layout
         self.max_data_xfer_size = max_data_xfer_size
-        self.server_capabilities = Capabilities()
+        self.server_capabilities = VfioUserCapabilities()
         self.dma_requests_served = 0
         self._timeout = timeout
         self._next_id = 0
@@ -397,7 +397,7 @@ class VfioUserClient:
 
     def negotiate(
         self, capabilities: Mapping[str, Any] | None = None, *, major: int = 0, minor: int = 0
-    ) -> Capabilities:
+    ) -> VfioUserCapabilities:
         """VERSION: announce ``capabilities`` (default: ``default_capabilities()``) and keep
         the server's answer in ``server_capabilities``."""
         caps = self.default_capabilities() if capabilities is None else dict(capabilities)

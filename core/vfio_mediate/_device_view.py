@@ -1,4 +1,4 @@
-"""``MediatorDevice``: the view of a device that its mediators receive."""
+"""``DeviceView``: the view of a device that its mediators receive."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from ._backend import DeviceBackend, RegionMapping
 from ._dma_view import DmaView
 from ._hook_types import RegionInfoData
 
-__all__ = ["MediatorDevice"]
+__all__ = ["DeviceView"]
 
 
 @final
-class MediatorDevice:
+class DeviceView:
     """What a mediator's ``mediator_open`` receives: the device's identity and its own
     (default) handlers, which a mediator calls to pass an access through."""
 
@@ -54,4 +54,4 @@ class MediatorDevice:
         return cast(RegionInfoData, self._backend.region_info(index).to_plain())
 
     def __repr__(self) -> str:
-        return f"<MediatorDevice {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
+        return f"<DeviceView {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
