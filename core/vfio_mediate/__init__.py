@@ -1,20 +1,24 @@
 """vfio-mediate: mediate VFIO device access through vendor plugins, serve it over vfio-user.
 
 ``MediatedDevice`` puts the first mediator that claims a device (``MediatorRegistry``) in front
-of its backend (``EmulatedPciDevice``); ``vfio_mediate.hookspecs`` is the contract mediators
-implement and ``vfio_mediate.uapi`` the Linux VFIO numbers and types they share.
+of its backend (``EmulatedPciDevice``, built by ``create_device``); ``LiveMigration`` moves a
+device and its guest memory to another, in this process or served (``vfio_mediate.server``).
+``vfio_mediate.hookspecs`` is the contract mediators implement, ``vfio_mediate.uapi`` the Linux
+VFIO numbers and types they share, and the errors below are every error the core raises.
 """
 
-from ._backend import DeviceBackend, DeviceIdentity, RegionMapping, Trigger
-from ._device import MediatedDevice, MediatorDevice, MigrationStream
-from ._devices import create_device, create_from_model, discover_device_models
-from ._dirty import DirtyBitmap, DirtyLog, bitmap_pages
-from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
+from ._backend import DeviceBackend
+from ._device import MediatedDevice
+from ._device_factory import create_device
+from ._device_view import DeviceView
+from ._dirty import DirtyLog
+from ._dma import DmaSpace, anonymous_memory
+from ._entry_points import PluginRecord
 from ._errors import (
     AccessError,
     ContractViolation,
+    DeviceNotOpenError,
     DeviceSpecError,
-    DeviceStateError,
     DuplicateMediatorError,
     MediatorInUseError,
     MigrationError,
@@ -24,92 +28,42 @@ from ._errors import (
     RegistryError,
     VfioMediateError,
 )
-from ._migrate import (
-    WORKLOAD_GROUP,
-    CopyRound,
-    GuestWorkload,
-    LiveMigration,
-    MigrationProgress,
-    MigrationReport,
-    Workload,
-    find_workload,
-)
-from ._migration import ARCS, SAVING_ARCS, migration_path, next_step
-from ._pci import Config, DeviceBus, EmulatedPciDevice
-from ._registry import (
-    DEVICE_GROUP,
-    ENV_DISABLE,
-    ENV_ONLY,
-    MEDIATOR_GROUP,
-    Claim,
-    MediatorRegistry,
-    PluginRecord,
-    Priority,
-)
+from ._live_migration import LiveMigration, MigratableDevice, MigrationReport, Workload
+from ._pci import EmulatedPciDevice
+from ._registry import MediatorRegistry
 from ._rules import Rule
-from ._spec import BarSpec, DeviceSpec, MsixSpec, load_spec
-from ._vfio import VfioContainer, VfioDeviceError, VfioPciDevice, is_pci_address
+from ._spec import DeviceSpec
+from ._vfio import VfioDeviceError, VfioPciDevice
 
 __all__ = [
-    "ARCS",
-    "DEVICE_GROUP",
-    "ENV_DISABLE",
-    "ENV_ONLY",
-    "MEDIATOR_GROUP",
-    "SAVING_ARCS",
-    "WORKLOAD_GROUP",
     "AccessError",
-    "BarSpec",
-    "Claim",
-    "Config",
     "ContractViolation",
-    "CopyRound",
     "DeviceBackend",
-    "DeviceBus",
-    "DeviceIdentity",
+    "DeviceNotOpenError",
     "DeviceSpec",
     "DeviceSpecError",
-    "DeviceStateError",
-    "DirtyBitmap",
+    "DeviceView",
     "DirtyLog",
-    "DmaMapping",
     "DmaSpace",
     "DuplicateMediatorError",
     "EmulatedPciDevice",
-    "GuestWorkload",
     "LiveMigration",
     "MediatedDevice",
-    "MediatorDevice",
     "MediatorInUseError",
     "MediatorRegistry",
+    "MigratableDevice",
     "MigrationError",
-    "MigrationProgress",
     "MigrationReport",
-    "MigrationStream",
-    "MsixSpec",
     "PluginError",
     "PluginLoadError",
     "PluginRecord",
-    "Priority",
     "ProtocolError",
-    "RegionMapping",
     "RegistryError",
-    "RemoteMemory",
     "Rule",
-    "Trigger",
-    "VfioContainer",
     "VfioDeviceError",
     "VfioMediateError",
     "VfioPciDevice",
     "Workload",
     "anonymous_memory",
-    "bitmap_pages",
     "create_device",
-    "create_from_model",
-    "discover_device_models",
-    "find_workload",
-    "is_pci_address",
-    "load_spec",
-    "migration_path",
-    "next_step",
 ]

@@ -1,130 +1,36 @@
-"""``MediatedDevice``: one device, its winning mediator and its per-region handler table."""
+"""``MediatedDevice``: one device and, while it is open, the pieces its winning mediator drives.
+
+Those pieces, each a module of its own: the winner (``WinningMediator``, absent when nobody
+claimed the device), the region table (``RegionTable``), the migration state machine
+(``DeviceMigration``), dirty logging (``DmaLogging``) and interrupt routing (``IrqRouting``).
+"""
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
-import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast, final
+from collections.abc import Iterable, Sequence
+from typing import Any, final
 
 from ._backend import DeviceBackend, RegionMapping, Trigger
-from ._dirty import DirtyLog
-from ._dma import DmaMapping, DmaSpace
-from ._dma_view import DmaView
-from ._errors import AccessError, ContractViolation, DeviceStateError, MigrationError
-from ._hook_types import Device, DirtyPageLog, RegionInfoData
-from ._migration import SAVING_ARCS, migration_path
-from ._registry import MediatorRegistry, PluginRecord
-from ._rules import HOOK_RULES, Rule
-from .uapi import (
-    PAGE_SIZE,
-    PCI_NUM_REGIONS,
-    DeviceInfo,
-    IrqInfo,
-    MigrationFlag,
-    MigrationState,
-    RegionFlag,
-    RegionInfo,
-)
+from ._device_migration import DeviceMigration
+from ._device_view import DeviceView
+from ._dma import DmaMapping, DmaSpace, RemoteMemory
+from ._dma_logging import DmaLogging
+from ._entry_points import PluginRecord
+from ._errors import AccessError, DeviceNotOpenError
+from ._hook_types import Device
+from ._irq_routing import IrqRouting
+from ._regions import RegionEntry, RegionTable
+from ._registry import MediatorRegistry
+from ._rules import Rule
+from ._winner import WinningMediator
+from .uapi import PCI_NUM_REGIONS, DeviceInfo, IrqInfo, MigrationState, RegionInfo
 
-__all__ = ["MediatedDevice", "MediatorDevice", "MigrationStream"]
+__all__ = ["MediatedDevice"]
 
 logger = logging.getLogger(__name__)
-
-Reader = Callable[[int, int], bytes]
-Writer = Callable[[int, bytes], int]
-
-
-@final
-class MediatorDevice:
-    """What a mediator's ``mediator_open`` receives: the device's identity and its own
-    (default) handlers, which a mediator calls to pass an access through."""
-
-    __slots__ = (
-        "_backend",
-        "class_code",
-        "device_id",
-        "dma",
-        "mmap",
-        "model",
-        "name",
-        "read",
-        "revision",
-        "subsystem_id",
-        "subsystem_vendor_id",
-        "vendor_id",
-        "write",
-    )
-
-    def __init__(self, backend: DeviceBackend) -> None:
-        identity = backend.identity
-        self.name: str = backend.name
-        self.vendor_id = identity.vendor_id
-        self.device_id = identity.device_id
-        self.subsystem_vendor_id = identity.subsystem_vendor_id
-        self.subsystem_id = identity.subsystem_id
-        self.class_code = identity.class_code
-        self.revision = identity.revision
-        self.read: Callable[[int, int, int], bytes] = backend.read
-        self.write: Callable[[int, int, bytes], int] = backend.write
-        self.mmap: Callable[[int, int, int], RegionMapping] = backend.mmap
-        self.dma: DmaView | None = None if backend.dma is None else DmaView(backend.dma)
-        self.model: Any = backend.model
-        self._backend = backend
-
-    def region_info(self, index: int) -> RegionInfoData:
-        """The device's own info of region ``index``, as plain data."""
-        return cast(RegionInfoData, self._backend.region_info(index).to_plain())
-
-    def __repr__(self) -> str:
-        return f"<MediatorDevice {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"
-
-
-class MigrationStream:
-    """The migration data of one save or load: framed chunks ``[u64 length][data]``.
-
-    Each saving arc appends one chunk; loading hands the mediator the last complete chunk, so
-    a destination that also received pre-copy data restores the final state.
-    """
-
-    HEADER = struct.Struct("<Q")
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.position = 0
-
-    def append_chunk(self, chunk: bytes) -> None:
-        """Add one saved chunk."""
-        self.data += self.HEADER.pack(len(chunk)) + chunk
-
-    def read(self, size: int) -> bytes:
-        """Up to ``size`` bytes not yet read; ``b""`` at the end of what is saved so far."""
-        piece = bytes(self.data[self.position : self.position + size])
-        self.position += len(piece)
-        return piece
-
-    @property
-    def pending(self) -> int:
-        """Bytes saved but not yet read."""
-        return len(self.data) - self.position
-
-    def last_chunk(self) -> bytes:
-        """The last complete chunk written; ``EINVAL`` when the stream is not whole chunks."""
-        position, last = 0, None
-        while position < len(self.data):
-            if position + self.HEADER.size > len(self.data):
-                break
-            (length,) = self.HEADER.unpack_from(self.data, position)
-            start = position + self.HEADER.size
-            if start + length > len(self.data):
-                break
-            last, position = bytes(self.data[start : start + length]), start + length
-        if last is None or position != len(self.data):
-            raise MigrationError(errno.EINVAL, "migration data is truncated or not framed")
-        return last
 
 
 @final
@@ -135,7 +41,8 @@ class MediatedDevice:
     match), the last close releases it. In between, ``read``/``write``/``mmap`` of a region go
     through a handler resolved at open: the backend's own for regions the mediator does not
     mediate (no plugin call), one direct call of the mediator's ``mediator_rw`` for the others.
-    A device nobody claims is plain passthrough.
+    A device nobody claims is plain passthrough. Every operation but ``open`` on a device that
+    is not open raises ``DeviceNotOpenError`` (``ENODEV``).
 
     Threads: open, close, region info, reset, migration and dirty logging are serialized by a
     lock; region accesses take no lock (they are the hot path), so a caller must not let an
@@ -154,18 +61,15 @@ class MediatedDevice:
         self.name = name or backend.name
         self._lock = threading.RLock()
         self._opens = 0
-        self._record: PluginRecord | None = None
-        self._handle: Any = None
-        self._hooks: dict[str, Any] = {}
-        self._table: dict[int, tuple[int, Reader, Writer]] = {}
-        self._infos: dict[int, RegionInfo] = {}
-        self._mediated: frozenset[int] = frozenset()
-        self._state = MigrationState.RUNNING
-        self._stream: MigrationStream | None = None
-        self._log: DirtyLog | None = None
+        self._winner: WinningMediator | None = None
+        self._regions: RegionTable | None = None
+        self._entries: dict[int, RegionEntry] = {}  # the table's, looked up without a lock
+        self._migration = DeviceMigration(self.name, None)
+        self._logging = DmaLogging(self.name, None)
+        self._irqs = IrqRouting(self.name, backend, None)
 
     def __repr__(self) -> str:
-        winner = self._record.name if self._record else None
+        winner = self._winner.record.name if self._winner else None
         return f"<MediatedDevice {self.name} open={self._opens} mediator={winner}>"
 
     # -- lifetime ----------------------------------------------------------------------
@@ -180,8 +84,7 @@ class MediatedDevice:
     def close(self) -> None:
         """Close once; the last close releases the mediator exactly once."""
         with self._lock:
-            if self._opens == 0:
-                raise DeviceStateError(f"{self.name} is not open")
+            self._require_open()
             self._opens -= 1
             if self._opens == 0:
                 self._detach()
@@ -201,296 +104,87 @@ class MediatedDevice:
     @property
     def mediator(self) -> PluginRecord | None:
         """The winning mediator, or ``None`` (plain passthrough or not open)."""
-        return self._record
+        return self._winner.record if self._winner else None
 
     @property
     def handle(self) -> Any:
         """The winning mediator's handle (for inspection; opaque to everyone else)."""
-        return self._handle
+        return self._winner.handle if self._winner else None
 
     def _attach(self) -> None:
-        view: Device = MediatorDevice(self.backend)  # the contract's type, checked here
-        claim = self.registry.claim(view, self)
-        if claim is not None:
-            self._record, self._handle = claim
-            self._hooks = {
-                name: self.registry.hook(claim.record, name)
-                for name in self.registry.hookspec_names()
-            }
-            logger.info("%s claimed by mediator %s", self.name, claim.record.describe())
+        view: Device = DeviceView(self.backend)  # the contract's type, checked here
+        winner = WinningMediator.search(self.registry, view, self)
+        if winner is not None:
+            logger.info("%s claimed by mediator %s", self.name, winner.record.describe())
         try:
-            self._build_table()
+            regions = RegionTable(self.name, self.backend, winner)
         except BaseException:
-            self._detach()
+            if winner is not None:
+                winner.release()
             raise
-        self._state = MigrationState.RUNNING
+        self._winner, self._regions, self._entries = winner, regions, regions.entries
+        self._migration = DeviceMigration(self.name, winner)
+        self._logging = DmaLogging(self.name, winner, self.backend)
+        self._irqs = IrqRouting(self.name, self.backend, winner)
 
     def _detach(self) -> None:
-        record, handle = self._record, self._handle
-        self._table = {}
-        self._infos = {}
-        self._stream = None
-        if self._log is not None:
-            if self.dma_logging_source == "mediator":
-                self._call_quietly("mediator_dma_logging_stop")
-            else:
-                try:
-                    self.backend.dirty_stop()  # type: ignore[attr-defined]
-                except OSError as exc:
-                    logger.warning("%s: stopping IOMMU dirty tracking: %s", self.name, exc)
-            self._log = None
-        self._record, self._handle, self._hooks = None, None, {}
-        if record is not None:
-            self.registry.release_use(record, self)
-            release = self.registry.hook(record, "mediator_release")
-            if release is not None:
-                try:
-                    release(handle)
-                except Exception:
-                    logger.exception("mediator %s raised in mediator_release", record.describe())
+        winner = self._winner
+        self._entries, self._regions = {}, None
+        self._logging.stop_quietly()
+        self._migration = DeviceMigration(self.name, None)
+        self._logging = DmaLogging(self.name, None)
+        self._irqs = IrqRouting(self.name, self.backend, None)
+        self._winner = None
+        if winner is not None:
+            winner.release()
 
-    def _call_quietly(self, hook: str, *args: Any) -> None:
-        function = self._hooks.get(hook)
-        if function is not None:
-            try:
-                function(self._handle, *args)
-            except Exception:
-                assert self._record is not None
-                logger.exception("mediator %s raised in %s", self._record.describe(), hook)
+    def _require_open(self) -> RegionTable:
+        regions = self._regions
+        if regions is None:
+            raise DeviceNotOpenError(self.name)
+        return regions
 
-    def _without_errno(self, exc: OSError, where: str = "") -> ContractViolation:
-        return self._violation(Rule.ACCESS_ERRORS, f"raised {exc!r} without an errno{where}")
-
-    def _rw_failure(self, exc: Exception, index: int, offset: int, count: int) -> ContractViolation:
-        """What an exception other than an ``OSError`` with an errno from ``mediator_rw`` is."""
-        where = f" for region {index} at {offset:#x}+{count:#x}"
-        if isinstance(exc, OSError):
-            return self._without_errno(exc, where)
-        return self._violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}{where}")
-
-    def _violation(self, rule: Rule, message: str) -> ContractViolation:
-        assert self._record is not None
-        return ContractViolation(self._record.describe(), rule.value, message)
-
-    # -- the region table --------------------------------------------------------------
-
-    def _build_table(self) -> None:
-        backend_regions = self.backend.device_info().num_regions
-        infos = {index: self._ask_region_info(index) for index in range(backend_regions)}
-        for info in self._ask_device_regions():
-            infos[info.index] = info
-        mediated: set[int] = set()
-        if self._record is not None:
-            mediated = self._ask_mediated(infos)
-        self._infos = infos
-        self._mediated = frozenset(mediated)
-        self._table = {
-            index: (info.size, *self._allowed(info, *self._handlers(index, index in mediated)))
-            for index, info in infos.items()
-        }
-
-    def _ask_region_info(self, index: int) -> RegionInfo:
-        own = self.backend.region_info(index)
-        answer = self._call_strict("mediator_get_region_info", own.to_plain())
-        if answer is None:
-            return own
-        flags = answer.get("flags") if isinstance(answer, dict) else None
-        known = int(RegionFlag.READ | RegionFlag.WRITE | RegionFlag.MMAP)
-        if isinstance(flags, int) and not flags & ~known and flags & ~int(own.flags):
-            # Before validating the rest: an added flag is the fault, whatever else it breaks.
-            raise self._violation(
-                Rule.REGION_INFO_VALID,
-                f"region {index}: flags {RegionFlag(flags & ~int(own.flags))!r} the device lacks",
-            )
-        try:
-            info = RegionInfo.from_plain(answer)
-        except ValueError as exc:
-            raise self._violation(
-                Rule.REGION_INFO_VALID, f"invalid info for region {index}: {exc}"
-            ) from exc
-        self._check_narrower(own, info)
-        return info
-
-    def _check_narrower(self, own: RegionInfo, info: RegionInfo) -> None:
-        index = own.index
-        for field in ("index", "size", "offset"):
-            if getattr(info, field) != getattr(own, field):
-                raise self._violation(
-                    Rule.REGION_INFO_VALID,
-                    f"region {index}: {field} changed from {getattr(own, field)!r} "
-                    f"to {getattr(info, field)!r}",
-                )
-        extra_flags = int(info.flags) & ~int(own.flags)
-        if extra_flags:
-            raise self._violation(
-                Rule.REGION_INFO_VALID,
-                f"region {index}: flags {RegionFlag(extra_flags)!r} the device lacks",
-            )
-        if info.msix_mappable and not own.msix_mappable:
-            raise self._violation(
-                Rule.REGION_INFO_VALID, f"region {index}: MSIX_MAPPABLE that the device lacks"
-            )
-        own_pages = _pages(own.mmap_areas())
-        extra = _pages(info.mmap_areas()) - own_pages
-        if extra:
-            raise self._violation(
-                Rule.REGION_INFO_VALID,
-                f"region {index}: maps page(s) {sorted(extra)[:4]} that the device traps",
-            )
-
-    def _ask_device_regions(self) -> list[RegionInfo]:
-        answer = self._call_strict("mediator_device_regions")
-        try:
-            infos = [RegionInfo.from_plain(item) for item in answer or ()]
-        except (TypeError, ValueError) as exc:
-            raise self._violation(Rule.DEVICE_REGIONS_VALID, str(exc)) from exc
-        seen: set[int] = set()
-        for info in infos:
-            if info.index < PCI_NUM_REGIONS or info.index in seen:
-                raise self._violation(
-                    Rule.DEVICE_REGIONS_VALID, f"region index {info.index} is not a new index >= 9"
-                )
-            seen.add(info.index)
-        return infos
-
-    def _ask_mediated(self, infos: dict[int, RegionInfo]) -> set[int]:
-        own = {index for index in infos if index >= PCI_NUM_REGIONS}
-        if self._hooks.get("mediator_rw") is None and self._hooks.get("mediator_mmap") is None:
-            return own
-        if self._hooks.get("mediator_regions") is None:
-            return set(infos)
-        answer = self._call_strict("mediator_regions")
-        try:
-            chosen = {int(index) for index in answer}
-        except (TypeError, ValueError) as exc:
-            raise self._violation(
-                Rule.REGIONS_RESULT,
-                f"mediator_regions returned {answer!r:.60}, not region indexes: {exc}",
-            ) from exc
-        unknown = chosen - set(infos)
-        if unknown:
-            raise self._violation(
-                Rule.REGIONS_RESULT,
-                f"mediator_regions names region(s) {sorted(unknown)} the device does not have",
-            )
-        return chosen | own
-
-    def _handlers(self, index: int, mediated: bool) -> tuple[Reader, Writer]:
-        backend_read, backend_write = self.backend.read, self.backend.write
-        own_region = index >= PCI_NUM_REGIONS
-        rw = self._hooks.get("mediator_rw") if mediated else None
-        if rw is None:
-            if own_region:
-                refuse = self._refuse(index, "access: no device stands behind it")
-                return refuse, refuse
-            return functools.partial(backend_read, index), functools.partial(backend_write, index)
-        handle = self._handle
-        violation, failure = self._violation, self._rw_failure
-
-        def read(offset: int, count: int) -> bytes:
-            try:
-                result = rw(handle, index, offset, count, None, False)
-            except Exception as exc:
-                if isinstance(exc, OSError) and exc.errno:
-                    raise
-                raise failure(exc, index, offset, count) from exc
-            if result is None:
-                if own_region:
-                    raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
-                return backend_read(index, offset, count)
-            if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
-                raise violation(
-                    Rule.RW_RESULT,
-                    f"a read of region {index} at {offset:#x}+{count:#x} returned {result!r:.60}",
-                )
-            return bytes(result)
-
-        def write(offset: int, data: bytes) -> int:
-            try:
-                result = rw(handle, index, offset, len(data), data, True)
-            except Exception as exc:
-                if isinstance(exc, OSError) and exc.errno:
-                    raise
-                raise failure(exc, index, offset, len(data)) from exc
-            if result is None:
-                if own_region:
-                    raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
-                return backend_write(index, offset, data)
-            if result != len(data):
-                raise violation(
-                    Rule.RW_RESULT,
-                    f"a write of region {index} at {offset:#x}+{len(data):#x} returned "
-                    f"{result!r:.60}, not {len(data)}",
-                )
-            return len(data)
-
-        return read, write
-
-    def _allowed(self, info: RegionInfo, read: Reader, write: Writer) -> tuple[Reader, Writer]:
-        """The handlers, with a refusal in place of what the region's flags forbid."""
-        if not info.flags & RegionFlag.READ:
-            read = self._refuse(info.index, "read")
-        if not info.flags & RegionFlag.WRITE:
-            write = self._refuse(info.index, "write")
-        return read, write
-
-    def _refuse(self, index: int, what: str) -> Callable[..., Any]:
-        def refuse(*_: Any) -> Any:
-            raise AccessError(errno.EINVAL, f"{self.name}: region {index} does not allow {what}")
-
-        return refuse
-
-    # -- region access -----------------------------------------------------------------
+    # -- regions -----------------------------------------------------------------------
 
     def device_info(self) -> DeviceInfo:
         """The device's info; ``num_regions`` counts the mediator's own regions too."""
         own = self.backend.device_info()
-        regions = max([own.num_regions - 1, *self._infos]) + 1
+        regions = max([own.num_regions - 1, *self._entries]) + 1
         return own.model_copy(update={"num_regions": regions})
 
     def region_info(self, index: int) -> RegionInfo:
         """Region ``index``'s info, as the mediator presents it now (asked anew each time)."""
         with self._lock:
-            self._require_open()
-            known = self._infos.get(index)
-            if known is None:
-                raise AccessError(errno.EINVAL, f"{self.name} has no region {index}")
-            if index >= PCI_NUM_REGIONS:
-                return known
-            info = self._ask_region_info(index)
-            if info.flags != known.flags:  # the flags decide which accesses are refused
-                handlers = self._handlers(index, index in self._mediated)
-                self._table = {**self._table, index: (info.size, *self._allowed(info, *handlers))}
-            self._infos[index] = info
+            regions = self._require_open()
+            info = regions.refresh(index)
+            self._entries = regions.entries
             return info
 
     @property
     def regions(self) -> tuple[RegionInfo, ...]:
-        """Every region's info, as of the last time it was asked."""
-        return tuple(info for _, info in sorted(self._infos.items()))
+        """Every region's info, as of the last time it was asked (none while closed)."""
+        regions = self._regions
+        return () if regions is None else tuple(info for _, info in sorted(regions.infos.items()))
 
     @property
     def mediated_regions(self) -> frozenset[int]:
         """The region indexes whose accesses go to the mediator."""
-        return self._mediated
-
-    def _require_open(self) -> None:
-        if not self._opens:
-            raise AccessError(errno.ENODEV, f"{self.name} is not open")
+        regions = self._regions
+        return frozenset() if regions is None else regions.mediated
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         """Read ``count`` bytes of region ``index`` at ``offset``."""
-        entry = self._table.get(index)
+        entry = self._entries.get(index)
         if entry is None:
             raise self._no_region(index)
-        size, reader, _ = entry
+        size, reader, _ = entry  # unpacked: cheaper than attribute access on this path
         if offset < 0 or count <= 0 or offset + count > size:
             raise _out_of_range(index, offset, count, size)
         return reader(offset, count)
 
     def write(self, index: int, offset: int, data: bytes) -> int:
         """Write ``data`` to region ``index`` at ``offset``; returns the bytes written."""
-        entry = self._table.get(index)
+        entry = self._entries.get(index)
         if entry is None:
             raise self._no_region(index)
         size, _, writer = entry
@@ -500,15 +194,15 @@ class MediatedDevice:
 
     def _no_region(self, index: int) -> AccessError:
         if not self._opens:
-            return AccessError(errno.ENODEV, f"{self.name} is not open")
+            return DeviceNotOpenError(self.name)
         return AccessError(errno.EINVAL, f"{self.name} has no region {index}")
 
     def mmap(self, index: int, offset: int, length: int) -> RegionMapping:
         """Where to map ``length`` bytes of region ``index`` at ``offset``, which must lie in
         one of the region's mmap-able areas."""
         with self._lock:
-            self._require_open()
-            info = self._infos.get(index)
+            regions = self._require_open()
+            info = regions.infos.get(index)
             if info is None:
                 raise AccessError(errno.EINVAL, f"{self.name} has no region {index}")
             if length <= 0 or not any(
@@ -518,15 +212,16 @@ class MediatedDevice:
                     errno.EINVAL,
                     f"{self.name}: region {index} {offset:#x}+{length:#x} is not mmap-able",
                 )
-            if index in self._mediated:
-                answer = self._call_strict("mediator_mmap", index, offset, length)
+            winner = self._winner
+            if winner is not None and index in regions.mediated:
+                answer = winner.call("mediator_mmap", index, offset, length)
                 if answer is not None:
                     if not (
                         isinstance(answer, tuple)
                         and len(answer) == 2
                         and all(isinstance(v, int) and v >= 0 for v in answer)
                     ):
-                        raise self._violation(
+                        raise winner.violation(
                             Rule.MMAP_RESULT, f"mediator_mmap returned {answer!r}, not (fd, offset)"
                         )
                     return RegionMapping(*answer)
@@ -534,70 +229,25 @@ class MediatedDevice:
                 raise AccessError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
             return self.backend.mmap(index, offset, length)
 
-    # -- interrupts and reset ----------------------------------------------------------
+    # -- interrupts, reset, DMA --------------------------------------------------------
 
     def irq_info(self, index: int) -> IrqInfo:
-        """The info of IRQ index ``index``."""
+        """The info of IRQ index ``index`` (``EINVAL`` for an index the device lacks)."""
         if not 0 <= index < self.backend.device_info().num_irqs:
             raise AccessError(errno.EINVAL, f"{self.name} has no IRQ index {index}")
         return self.backend.irq_info(index)
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
-        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward.
+        """Set (or with ``None`` unset) the triggers of vectors ``start`` onward; a vector the
+        mediator observes reaches it first (see ``IrqRouting``)."""
+        self._irqs.set_triggers(index, start, triggers)
 
-        For a backend with ``direct_irqs`` (a device bound to vfio-pci), a trigger with a
-        ``fileno()`` (the client's eventfd) goes to the backend as that eventfd, so the kernel
-        signals it; a vector the mediator observes (``mediator_irq_observe``) gets a relay
-        instead, which calls ``mediator_irq`` and then the trigger.
-        """
-        if not getattr(self.backend, "direct_irqs", False):
-            self.backend.set_irq_triggers(index, start, triggers)
-            return
-        observed = self._observed_vectors(index)
-        if all(t is None or hasattr(t, "fileno") for t in triggers) and not observed.intersection(
-            range(start, start + len(triggers))
-        ):
-            fds = [-1 if t is None else t.fileno() for t in triggers]  # type: ignore[attr-defined]
-            self.backend.set_irq_eventfds(index, start, fds)
-            return
-        self.backend.set_irq_triggers(
-            index,
-            start,
-            [
-                self._observer(index, vector, t) if t is not None and vector in observed else t
-                for vector, t in enumerate(triggers, start)
-            ],
-        )
+    def fire_irqs(self, index: int, start: int, count: int) -> None:
+        """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index`` (the
+        backend does; here because the server asks it of any served device)."""
+        self.backend.fire_irqs(index, start, count)
 
-    def _observed_vectors(self, index: int) -> frozenset[int]:
-        with self._lock:
-            if "mediator_irq_observe" not in self._hooks or not self._opens:
-                return frozenset()
-            answer = self._call_strict("mediator_irq_observe", index)
-        if answer is None:
-            return frozenset()
-        try:
-            return frozenset(int(v) for v in answer)
-        except (TypeError, ValueError):
-            raise self._violation(
-                Rule.ACCESS_ERRORS, f"mediator_irq_observe returned {answer!r}"
-            ) from None
-
-    def _observer(self, index: int, vector: int, trigger: Trigger) -> Trigger:
-        hook, handle = self._hooks.get("mediator_irq"), self._handle
-
-        def observed() -> None:
-            if hook is not None:
-                try:
-                    if hook(handle, index, vector) is False:
-                        return
-                except Exception:
-                    logger.exception("%s: mediator_irq raised", self.name)
-            trigger()
-
-        return observed
-
-    # -- DMA: the backend owns it (a real device maps into its IOMMU) --------------------
+    # -- DMA: the backend owns it (a real device maps into its IOMMU) ------------------------
 
     def dma_map(
         self, iova: int, size: int, fd: int, offset: int = 0, *, readable: bool = True,
@@ -607,8 +257,9 @@ class MediatedDevice:
         return self.backend.dma_map(iova, size, fd, offset, readable=readable, writable=writable)
 
     def dma_map_remote(
-        self, iova: int, size: int, remote: Any, *, readable: bool = True, writable: bool = True
-    ) -> DmaMapping:
+        self, iova: int, size: int, remote: RemoteMemory, *, readable: bool = True,
+        writable: bool = True,
+    ) -> DmaMapping:  # fmt: skip
         """Give the device memory reached by messages (a real device refuses: ``ENOTSUP``)."""
         return self.backend.dma_map_remote(iova, size, remote, readable=readable, writable=writable)
 
@@ -616,62 +267,33 @@ class MediatedDevice:
         """Take back a mapping (for a real device: out of the IOMMU first)."""
         self.backend.dma_unmap(iova, size)
 
-    def fire_irqs(self, index: int, start: int, count: int) -> None:
-        """Raise vectors ``start`` to ``start + count - 1`` of IRQ index ``index``."""
-        self.backend.fire_irqs(index, start, count)
-
     def reset(self) -> None:
-        """Reset the device; the mediator hears of it first. Leaves migration ERROR."""
+        """Reset the device; the mediator hears of it first. Migration is RUNNING after it."""
         with self._lock:
             self._require_open()
-            self._call_strict("mediator_reset")
+            if self._winner is not None:
+                self._winner.call("mediator_reset")
             self.backend.reset()
-            self._state = MigrationState.RUNNING
-            self._stream = None
-
-    def _call_strict(self, hook: str, *args: Any) -> Any:
-        """Call the winner's ``hook`` (``None`` if it has none): an ``OSError`` with an errno
-        passes, anything else it raises becomes a ``ContractViolation`` of the hook's own rule
-        (``HOOK_RULES``)."""
-        function = self._hooks.get(hook)
-        if function is None:
-            return None
-        try:
-            return function(self._handle, *args)
-        except OSError as exc:
-            if not exc.errno:
-                raise self._without_errno(exc) from exc
-            raise
-        except Exception as exc:
-            raise self._violation(HOOK_RULES[hook], f"{hook} raised {exc!r}") from exc
+            self._migration.reset()
 
     @property
     def dma(self) -> DmaSpace | None:
         """The device's DMA address space."""
         return self.backend.dma
 
-    # -- migration v2 ------------------------------------------------------------------
+    # -- migration v2 (see DeviceMigration) ------------------------------------------------
 
     @property
     def migration_flags(self) -> int:
         """The migration v2 flags the mediator offers for this device (0: no migration)."""
         with self._lock:
             self._require_open()
-            flags = self._call_strict("mediator_migration_flags")
-            if flags is None:
-                return 0
-            if (
-                not isinstance(flags, int)
-                or flags & ~int(sum(MigrationFlag))
-                or not (flags & MigrationFlag.STOP_COPY)
-            ):
-                raise self._violation(Rule.MIGRATION, f"migration flags {flags!r} are not valid")
-            return flags
+            return self._migration.flags()
 
     @property
     def migration_state(self) -> MigrationState:
         """The current migration v2 state (RUNNING after open and after reset)."""
-        return self._state
+        return self._migration.state
 
     def set_migration_state(self, target: int) -> MigrationState:
         """Go to ``target`` through single arcs; returns the new state.
@@ -680,147 +302,56 @@ class MediatedDevice:
         the mediator fails puts the device in ERROR and raises ``MigrationError``.
         """
         with self._lock:
-            flags = self.migration_flags
-            if not flags:
-                raise MigrationError(errno.ENOTTY, f"{self.name} does not support migration")
-            try:
-                target_state = MigrationState(target)
-            except ValueError:
-                raise MigrationError(errno.EINVAL, f"no migration state {target}") from None
-            for step in migration_path(self._state, target_state, flags):
-                self._step(step)
-            return self._state
-
-    def _step(self, step: MigrationState) -> None:
-        current = self._state
-        try:
-            if current is MigrationState.RESUMING:
-                assert self._stream is not None
-                self._call_strict("mediator_load_state", self._stream.last_chunk())
-            result = self._call_strict("mediator_set_state", int(current), int(step))
-        except OSError as exc:
-            self._state, self._stream = MigrationState.ERROR, None
-            raise MigrationError(
-                exc.errno or errno.EIO,
-                f"{self.name}: migration {current.name} -> {step.name} failed: {exc}",
-            ) from exc
-        except ContractViolation:
-            self._state, self._stream = MigrationState.ERROR, None
-            raise
-        if (current, step) in SAVING_ARCS:
-            if not isinstance(result, bytes | bytearray):
-                self._state, self._stream = MigrationState.ERROR, None
-                raise self._violation(
-                    Rule.MIGRATION, f"arc {current.name} -> {step.name} returned no state bytes"
-                )
-            if self._stream is None or current is MigrationState.STOP:
-                self._stream = MigrationStream()
-            self._stream.append_chunk(bytes(result))
-        elif step is MigrationState.RESUMING:
-            self._stream = MigrationStream()
-        elif step not in (MigrationState.PRE_COPY, MigrationState.PRE_COPY_P2P):
-            self._stream = None
-        self._state = step
+            self._require_open()
+            return self._migration.set_state(target)
 
     def read_migration_data(self, size: int) -> bytes:
         """Read saved state (in PRE_COPY, PRE_COPY_P2P or STOP_COPY); ``b""`` at the end."""
         with self._lock:
-            if self._stream is None or self._state is MigrationState.RESUMING:
-                raise MigrationError(
-                    errno.EINVAL, f"{self.name} is not saving ({self._state.name})"
-                )
-            return self._stream.read(size)
+            return self._migration.read_data(size)
 
     def write_migration_data(self, data: bytes) -> int:
         """Write state to load (in RESUMING)."""
         with self._lock:
-            if self._state is not MigrationState.RESUMING or self._stream is None:
-                raise MigrationError(
-                    errno.EINVAL, f"{self.name} is not resuming ({self._state.name})"
-                )
-            self._stream.data += data
-            return len(data)
+            return self._migration.write_data(data)
 
     @property
     def migration_pending(self) -> int:
         """Saved bytes not yet read (``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE``)."""
-        stream = self._stream
-        return stream.pending if stream is not None else 0
+        return self._migration.pending
 
-    # -- DMA dirty logging -------------------------------------------------------------
+    # -- DMA dirty logging (see DmaLogging) ------------------------------------------------
 
-    def dma_logging_start(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> DirtyLog:
-        """Start logging DMA writes of ``ranges`` at ``page_size`` granularity."""
+    def dma_logging_start(self, page_size: int, ranges: Iterable[tuple[int, int]]) -> int:
+        """Start logging DMA writes of ``ranges`` at ``page_size`` granularity (returned)."""
         with self._lock:
             self._require_open()
-            source = self.dma_logging_source
-            if source is None:
-                raise AccessError(errno.ENOTTY, f"{self.name} cannot log dirty pages")
-            if self._log is not None:
-                raise AccessError(errno.EBUSY, f"{self.name} is already logging dirty pages")
-            log = DirtyLog(page_size, ranges)
-            if source == "mediator":
-                handed: DirtyPageLog = log  # what the contract promises, checked here
-                self._call_strict("mediator_dma_logging_start", handed)
-            else:
-                self.backend.dirty_start()  # type: ignore[attr-defined]
-            self._log = log
-            return log
+            return self._logging.start(page_size, ranges)
 
     def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
         """Read and clear the dirty bitmap of ``[iova, iova + length)``."""
         with self._lock:
-            log = self._log
-            if log is None:
-                raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
-            if self.dma_logging_source == "mediator":
-                self._call_strict("mediator_dma_logging_report", log, iova, length)
-            else:
-                # type1 reports per mapping: every pinned page, an honest over-report
-                for start, dirty in self.backend.dirty_report(iova, length):  # type: ignore[attr-defined]
-                    for page in range(len(dirty) * 8):
-                        if dirty[page // 8] >> (page % 8) & 1:
-                            log.mark(start + page * PAGE_SIZE, PAGE_SIZE)
-            return log.report(iova, length, page_size)
+            return self._logging.report(iova, length, page_size)
 
     def dma_logging_stop(self) -> None:
         """Stop logging."""
         with self._lock:
-            if self._log is None:
-                raise AccessError(errno.EINVAL, f"{self.name} is not logging dirty pages")
-            self._log = None
-            if self.dma_logging_source == "mediator":
-                self._call_strict("mediator_dma_logging_stop")
-            else:
-                self.backend.dirty_stop()  # type: ignore[attr-defined]
+            self._logging.stop()
 
     @property
     def dma_logging_source(self) -> str | None:
-        """Who logs dirty pages: ``"mediator"`` (its ``mediator_dma_logging_*`` hooks),
-        ``"iommu"`` (a device bound to vfio-pci without them: type1's container dirty tracking,
-        which reports every pinned page), or ``None``."""
-        if self._hooks.get("mediator_dma_logging_start") is not None:
-            return "mediator"
-        if self._opens and getattr(self.backend, "iommu_dirty_tracking", False):
-            return "iommu"
-        return None
+        """Who logs dirty pages: ``"mediator"``, ``"iommu"`` or ``None`` (see ``DmaLogging``)."""
+        return self._logging.source
 
     @property
     def dma_logging_supported(self) -> bool:
         """Whether dirty pages can be logged (by the mediator or the IOMMU)."""
-        return self.dma_logging_source is not None
+        return self._logging.supported
 
     @property
     def dma_logging(self) -> bool:
         """Whether dirty logging runs."""
-        return self._log is not None
-
-
-def _pages(areas: Iterable[Any]) -> set[int]:
-    pages: set[int] = set()
-    for area in areas:
-        pages.update(range(area.offset // PAGE_SIZE, area.end // PAGE_SIZE))
-    return pages
+        return self._logging.log is not None
 
 
 def _out_of_range(index: int, offset: int, count: int, size: int) -> AccessError:

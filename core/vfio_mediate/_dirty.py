@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import final
 
 from ._errors import AccessError
+from ._pages import page_count
 from .uapi import PAGE_SIZE
 
 __all__ = ["DirtyBitmap", "DirtyLog", "bitmap_pages"]
@@ -30,7 +31,7 @@ class DirtyBitmap:
         self.iova = iova
         self.length = length
         self.page_size = page_size
-        self.pages = -(-length // page_size)
+        self.pages = page_count(length, page_size)
         size = -(-self.pages // 8)
         # A large bitmap is an anonymous mapping: zero pages that cost no time and no memory
         # until marked (a bytearray would zero, say, 64 MiB for 2 TiB of IOVA at every start).
@@ -153,7 +154,7 @@ class DirtyLog:
             raise AccessError(errno.EINVAL, f"report page size {page_size} is not a power of two")
         if length <= 0 or iova % page_size or iova < 0:
             raise AccessError(errno.EINVAL, f"bad report range {iova:#x}+{length:#x}")
-        pages = -(-length // page_size)
+        pages = page_count(length, page_size)
         out = bytearray(-(-pages // 64) * 8)
         end = iova + length
         with self._lock:

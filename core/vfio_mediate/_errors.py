@@ -10,13 +10,18 @@
     │   ├── DuplicateMediatorError  the same name or object registered twice
     │   └── MediatorInUseError      unregistering a mediator that an open device uses
     ├── DeviceSpecError             a device spec or model that cannot be built
-    ├── DeviceStateError            an operation that the device's state does not allow
     ├── ProtocolError (also ConnectionError)  a vfio-user peer broke the protocol
     └── AccessError (also OSError)  a refused device access; ``errno`` is what goes on the wire
+        ├── DeviceNotOpenError      any operation but ``open`` on a closed device (``ENODEV``)
         └── MigrationError          a refused or failed migration state change
 
 Errors a device or a mediator raises on purpose for an access are ``OSError`` with an errno;
 the server sends that errno to the client.
+
+Outside the tree, on purpose: ``ValueError`` for a Python caller's invalid argument (a
+``ServerConfig`` or ``LiveMigration`` out of range, ``vfio_mediate.uapi`` types built from bad
+values), and ``OSError`` with an errno from the operating system, e.g. a socket path or
+directory the server refuses (``PermissionError``, ``FileExistsError``) or a failed ``mmap``.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import errno as _errno
 __all__ = [
     "AccessError",
     "ContractViolation",
+    "DeviceNotOpenError",
     "DeviceSpecError",
-    "DeviceStateError",
     "DuplicateMediatorError",
     "MediatorInUseError",
     "MigrationError",
@@ -79,10 +84,6 @@ class DeviceSpecError(VfioMediateError):
     """A device spec (TOML file, model factory) is invalid."""
 
 
-class DeviceStateError(VfioMediateError):
-    """The device is not in a state that allows this operation (e.g. not open)."""
-
-
 class ProtocolError(VfioMediateError, ConnectionError):
     """A peer broke the vfio-user protocol (a malformed or unexpected message)."""
 
@@ -99,3 +100,10 @@ class AccessError(VfioMediateError, OSError):
 
 class MigrationError(AccessError):
     """A refused migration state change or a migration step that failed."""
+
+
+class DeviceNotOpenError(AccessError):
+    """The device is not open (``ENODEV``): every operation but ``open`` needs it open."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(_errno.ENODEV, f"{device} is not open")

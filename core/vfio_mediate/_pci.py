@@ -17,6 +17,7 @@ from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
 from ._dma_view import DmaView
 from ._errors import AccessError
 from ._model import ModelMethods
+from ._pages import areas_of_pages, pages_of
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
     PAGE_SIZE,
@@ -33,14 +34,14 @@ from .uapi import (
     SparseMmapArea,
 )
 
-__all__ = ["Config", "DeviceBus", "EmulatedPciDevice"]
+__all__ = ["DeviceBus", "EmulatedPciDevice", "PciConfig"]
 
 _CONFIG = int(RegionIndex.CONFIG)  # an enum member's lookup costs more than the rest of a read
 _CONFIG_REGISTER = {1: struct.Struct("B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 """The sizes a guest writes config space in, each merged with its mask in one go."""
 
 
-class Config:
+class PciConfig:
     """Offsets and bits of the type 0 config header and the capabilities this device has."""
 
     VENDOR_ID = 0x00
@@ -95,7 +96,7 @@ class Config:
     PCIE_LNKCTL = 0x10
 
 
-_MSIX_CONTROL = Config.MSIX_CAP + Config.MSIX_CONTROL
+_MSIX_CONTROL = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
 
 
 class DeviceBus:
@@ -122,7 +123,7 @@ class DeviceBus:
     @property
     def bus_master(self) -> bool:
         """Whether the command register lets the device do DMA."""
-        return self._device.config_word(Config.COMMAND) & Config.COMMAND_MASTER != 0
+        return self._device.config_word(PciConfig.COMMAND) & PciConfig.COMMAND_MASTER != 0
 
 
 @final
@@ -178,7 +179,7 @@ class EmulatedPciDevice:
         struct.pack_into("<" + fmt, self._wmask, offset, wmask)
 
     def _build_config(self) -> None:
-        spec, c = self.spec, Config
+        spec, c = self.spec, PciConfig
         self._put(c.VENDOR_ID, "H", spec.vendor_id)
         self._put(c.DEVICE_ID, "H", spec.device_id)
         self._put(c.COMMAND, "H", 0, c.COMMAND_WRITABLE)
@@ -283,7 +284,7 @@ class EmulatedPciDevice:
         areas = chosen(index) if chosen is not None else None
         pages: set[int] = set()
         for offset, size in [(0, bar.size)] if areas is None else areas:
-            pages.update(range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE)))
+            pages.update(pages_of(offset, size))
         msix = self.spec.msix
         if msix is not None:
             for bar_index, offset, size in (
@@ -291,16 +292,8 @@ class EmulatedPciDevice:
                 (msix.pba_bar, msix.pba_offset, msix.pba_size),
             ):
                 if bar_index == index:
-                    pages.difference_update(
-                        range(offset // PAGE_SIZE, -(-(offset + size) // PAGE_SIZE))
-                    )
-        merged: list[tuple[int, int]] = []
-        for page in sorted(pages):
-            if merged and merged[-1][0] + merged[-1][1] == page * PAGE_SIZE:
-                merged[-1] = (merged[-1][0], merged[-1][1] + PAGE_SIZE)
-            else:
-                merged.append((page * PAGE_SIZE, PAGE_SIZE))
-        return merged
+                    pages.difference_update(pages_of(offset, size))
+        return areas_of_pages(pages)
 
     def bar_memory(self, index: int) -> memoryview:
         """The shared memory of BAR ``index``."""
@@ -354,8 +347,8 @@ class EmulatedPciDevice:
             and msix.table_bar == index
             and _overlaps(offset, len(data), msix.table_offset, msix.table_size)
         ):
-            first = max(0, offset - msix.table_offset) // Config.MSIX_ENTRY_SIZE
-            last = (offset + len(data) - 1 - msix.table_offset) // Config.MSIX_ENTRY_SIZE
+            first = max(0, offset - msix.table_offset) // PciConfig.MSIX_ENTRY_SIZE
+            last = (offset + len(data) - 1 - msix.table_offset) // PciConfig.MSIX_ENTRY_SIZE
             self._deliver_pending(range(first, min(last, msix.vectors - 1) + 1))
         return len(data)
 
@@ -473,10 +466,14 @@ class EmulatedPciDevice:
     def _msix_masked(self, vector: int) -> bool:
         msix = self.spec.msix
         assert msix is not None
-        control = self.config_word(Config.MSIX_CAP + Config.MSIX_CONTROL)
+        control = self.config_word(PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL)
         table = self._bars[msix.table_bar][3]
-        entry = msix.table_offset + vector * Config.MSIX_ENTRY_SIZE + Config.MSIX_ENTRY_CONTROL
-        return bool(control & Config.MSIX_FUNCTION_MASK or table[entry] & Config.MSIX_ENTRY_MASKED)
+        entry = (
+            msix.table_offset + vector * PciConfig.MSIX_ENTRY_SIZE + PciConfig.MSIX_ENTRY_CONTROL
+        )
+        return bool(
+            control & PciConfig.MSIX_FUNCTION_MASK or table[entry] & PciConfig.MSIX_ENTRY_MASKED
+        )
 
     def _vector_pending(self, vector: int) -> bool:
         msix = self.spec.msix

@@ -1,19 +1,26 @@
-"""The mediator registry: entry-point discovery, deterministic first-match order, isolation."""
+"""The mediator registry: deterministic first-match order, isolation, use counts.
+
+Discovery (the entry-point groups, the environment's filter) is ``_entry_points``'.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from enum import IntEnum
-from importlib import metadata
 from typing import Any, NamedTuple, final
 
 import pluggy
 
 from . import hookspecs
+from ._entry_points import (
+    ENV_DISABLE,
+    MEDIATOR_GROUP,
+    PluginRecord,
+    Priority,
+    entry_points,
+    load_entry_point,
+)
 from ._errors import (
     DuplicateMediatorError,
     MediatorInUseError,
@@ -22,71 +29,9 @@ from ._errors import (
 )
 from ._rules import Rule
 
-__all__ = [
-    "DEVICE_GROUP",
-    "ENV_DISABLE",
-    "ENV_ONLY",
-    "MEDIATOR_GROUP",
-    "Claim",
-    "EntryPointFilter",
-    "MediatorRegistry",
-    "PluginRecord",
-    "Priority",
-]
+__all__ = ["Claim", "MediatorRegistry"]
 
 logger = logging.getLogger(__name__)
-
-MEDIATOR_GROUP = "vfio_mediate.mediators"
-DEVICE_GROUP = "vfio_mediate.devices"
-ENV_DISABLE = "VFIO_MEDIATE_DISABLE"
-"""Comma-separated entry-point names that are not imported at all."""
-ENV_ONLY = "VFIO_MEDIATE_ONLY"
-"""Comma-separated entry-point names: when set, only these are imported."""
-
-
-class Priority(IntEnum):
-    """Where a mediator is asked: from ``tryfirst``/``trylast`` on its ``mediator_open``."""
-
-    FIRST = 0
-    DEFAULT = 1
-    LAST = 2
-
-
-@dataclass(eq=False)
-class PluginRecord:
-    """What the registry knows of one plugin (mediator or device model), loaded or not."""
-
-    name: str
-    group: str
-    distribution: str | None = None
-    version: str | None = None
-    plugin: Any = None
-    priority: Priority | None = None
-    error: str | None = None
-    users: set[Any] = field(default_factory=set, repr=False)
-
-    @property
-    def status(self) -> str:
-        """``loaded`` or ``error``."""
-        return "error" if self.error is not None else "loaded"
-
-    def describe(self) -> str:
-        """``name (distribution version)``: how errors name the plugin."""
-        if self.distribution is None:
-            return repr(self.name)
-        return f"{self.name!r} ({self.distribution} {self.version})"
-
-    def as_dict(self) -> dict[str, Any]:
-        """The record as plain data (``vfio-mediate list --json``)."""
-        return {
-            "name": self.name,
-            "group": self.group,
-            "distribution": self.distribution,
-            "version": self.version,
-            "priority": None if self.priority is None else self.priority.name.lower(),
-            "status": self.status,
-            "error": self.error,
-        }
 
 
 class Claim(NamedTuple):
@@ -94,53 +39,6 @@ class Claim(NamedTuple):
 
     record: PluginRecord
     handle: Any
-
-
-def _names(variable: str) -> set[str] | None:
-    value = os.environ.get(variable)
-    if value is None:
-        return None
-    return {name.strip() for name in value.split(",") if name.strip()}
-
-
-class EntryPointFilter(NamedTuple):
-    """The names ``VFIO_MEDIATE_ONLY`` and ``VFIO_MEDIATE_DISABLE`` select, read at discovery."""
-
-    only: set[str] | None
-    disabled: set[str]
-
-    @classmethod
-    def from_environment(cls) -> EntryPointFilter:
-        """Read both variables."""
-        return cls(_names(ENV_ONLY), _names(ENV_DISABLE) or set())
-
-    def allows(self, name: str) -> bool:
-        """Whether the entry point ``name`` may be imported."""
-        if name in self.disabled:
-            return False
-        return self.only is None or name in self.only
-
-
-def entry_points(group: str) -> list[metadata.EntryPoint]:
-    """The group's entry points that the environment allows, by name then distribution name
-    (never in the order the file system lists distributions)."""
-    selected = EntryPointFilter.from_environment()
-    found = [ep for ep in metadata.entry_points(group=group) if selected.allows(ep.name)]
-    return sorted(found, key=lambda ep: (ep.name, ep.dist.name if ep.dist else ""))
-
-
-def load_entry_point(ep: metadata.EntryPoint, group: str) -> tuple[PluginRecord, Any]:
-    """Import an entry point; a failure becomes the record's ``error``, never an exception."""
-    dist = ep.dist
-    record = PluginRecord(
-        ep.name, group, dist.name if dist else None, dist.version if dist else None
-    )
-    try:
-        return record, ep.load()
-    except Exception as exc:  # any import failure of a third-party module is reported
-        record.error = f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}"
-        logger.warning("plugin %s not loaded: %s", record.describe(), record.error)
-        return record, None
 
 
 @final

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from vfio_mediate import ARCS, MigrationError, migration_path
+from vfio_mediate import MigrationError
+from vfio_mediate._migration_arcs import ARCS, migration_path
 from vfio_mediate.uapi import MigrationFlag, MigrationState
 
 S = MigrationState

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vfio_mediate import (
-    AccessError,
-    Config,
-    DeviceSpec,
-    DeviceSpecError,
-    EmulatedPciDevice,
-    load_spec,
-)
+from vfio_mediate import AccessError, DeviceSpec, DeviceSpecError, EmulatedPciDevice
+from vfio_mediate._pci import PciConfig
+from vfio_mediate._spec import load_spec
 from vfio_mediate.uapi import IrqIndex, RegionFlag, RegionIndex
 
 CFG = RegionIndex.CONFIG
@@ -34,45 +29,45 @@ def cfg_write(device: EmulatedPciDevice, offset: int, size: int, value: int) -> 
 
 
 def test_identity_is_read_only(virtio_device: EmulatedPciDevice) -> None:
-    assert cfg_read(virtio_device, Config.VENDOR_ID, 4) == 0x1041_1AF4
-    cfg_write(virtio_device, Config.VENDOR_ID, 4, 0xFFFF_FFFF)
-    assert cfg_read(virtio_device, Config.VENDOR_ID, 4) == 0x1041_1AF4
-    assert cfg_read(virtio_device, Config.CLASS_CODE, 3) == 0x020000
-    assert cfg_read(virtio_device, Config.REVISION, 1) == 1
-    assert cfg_read(virtio_device, Config.SUBSYSTEM_VENDOR_ID, 4) == 0x0001_1AF4
-    assert cfg_read(virtio_device, Config.HEADER_TYPE, 1) == 0
+    assert cfg_read(virtio_device, PciConfig.VENDOR_ID, 4) == 0x1041_1AF4
+    cfg_write(virtio_device, PciConfig.VENDOR_ID, 4, 0xFFFF_FFFF)
+    assert cfg_read(virtio_device, PciConfig.VENDOR_ID, 4) == 0x1041_1AF4
+    assert cfg_read(virtio_device, PciConfig.CLASS_CODE, 3) == 0x020000
+    assert cfg_read(virtio_device, PciConfig.REVISION, 1) == 1
+    assert cfg_read(virtio_device, PciConfig.SUBSYSTEM_VENDOR_ID, 4) == 0x0001_1AF4
+    assert cfg_read(virtio_device, PciConfig.HEADER_TYPE, 1) == 0
 
 
 def test_bar_sizing_and_64_bit_pairs(virtio_device: EmulatedPciDevice) -> None:
-    bar0, bar1 = Config.BAR0, Config.BAR0 + 4
-    assert cfg_read(virtio_device, bar0, 4) == Config.BAR_MEM64
+    bar0, bar1 = PciConfig.BAR0, PciConfig.BAR0 + 4
+    assert cfg_read(virtio_device, bar0, 4) == PciConfig.BAR_MEM64
     cfg_write(virtio_device, bar0, 4, 0xFFFF_FFFF)
     cfg_write(virtio_device, bar1, 4, 0xFFFF_FFFF)
     low = cfg_read(virtio_device, bar0, 4)
     high = cfg_read(virtio_device, bar1, 4)
     mask = (high << 32) | (low & ~0xF)
-    assert low & 0xF == Config.BAR_MEM64
+    assert low & 0xF == PciConfig.BAR_MEM64
     assert (~mask & 0xFFFF_FFFF_FFFF_FFFF) + 1 == 0x4000
     cfg_write(virtio_device, bar0, 4, 0xFEB0_0000)
     cfg_write(virtio_device, bar1, 4, 0x0000_0001)
-    assert cfg_read(virtio_device, bar0, 8) == 0x1_FEB0_0000 | Config.BAR_MEM64
+    assert cfg_read(virtio_device, bar0, 8) == 0x1_FEB0_0000 | PciConfig.BAR_MEM64
     # I/O BAR: bit 0 set, 32 bytes
-    cfg_write(virtio_device, Config.BAR0 + 8, 4, 0xFFFF_FFFF)
-    io = cfg_read(virtio_device, Config.BAR0 + 8, 4)
+    cfg_write(virtio_device, PciConfig.BAR0 + 8, 4, 0xFFFF_FFFF)
+    io = cfg_read(virtio_device, PciConfig.BAR0 + 8, 4)
     assert io & 1 and (~(io & ~0x3) & 0xFFFF_FFFF) + 1 == 0x20
     # BAR3 (the high half of nothing) and BAR5 do not exist: they stay 0
-    cfg_write(virtio_device, Config.BAR0 + 20, 4, 0xFFFF_FFFF)
-    assert cfg_read(virtio_device, Config.BAR0 + 20, 4) == 0
+    cfg_write(virtio_device, PciConfig.BAR0 + 20, 4, 0xFFFF_FFFF)
+    assert cfg_read(virtio_device, PciConfig.BAR0 + 20, 4) == 0
 
 
 def test_command_register_keeps_only_writable_bits(virtio_device: EmulatedPciDevice) -> None:
-    cfg_write(virtio_device, Config.COMMAND, 2, 0xFFFF)
-    assert cfg_read(virtio_device, Config.COMMAND, 2) == Config.COMMAND_WRITABLE
-    assert cfg_read(virtio_device, Config.STATUS, 2) & Config.STATUS_CAP_LIST
+    cfg_write(virtio_device, PciConfig.COMMAND, 2, 0xFFFF)
+    assert cfg_read(virtio_device, PciConfig.COMMAND, 2) == PciConfig.COMMAND_WRITABLE
+    assert cfg_read(virtio_device, PciConfig.STATUS, 2) & PciConfig.STATUS_CAP_LIST
 
 
 def walk_capabilities(device: EmulatedPciDevice) -> dict[int, int]:
-    caps, at = {}, cfg_read(device, Config.CAPABILITIES, 1)
+    caps, at = {}, cfg_read(device, PciConfig.CAPABILITIES, 1)
     while at:
         caps[cfg_read(device, at, 1)] = at
         at = cfg_read(device, at + 1, 1)
@@ -81,15 +76,15 @@ def walk_capabilities(device: EmulatedPciDevice) -> dict[int, int]:
 
 def test_capability_list_has_msix_and_pci_express(virtio_device: EmulatedPciDevice) -> None:
     caps = walk_capabilities(virtio_device)
-    assert set(caps) == {Config.CAP_ID_MSIX, Config.CAP_ID_PCIE}
-    msix = caps[Config.CAP_ID_MSIX]
+    assert set(caps) == {PciConfig.CAP_ID_MSIX, PciConfig.CAP_ID_PCIE}
+    msix = caps[PciConfig.CAP_ID_MSIX]
     control = cfg_read(virtio_device, msix + 2, 2)
     assert control & 0x7FF == 3  # four vectors
     assert cfg_read(virtio_device, msix + 4, 4) == 4  # table at offset 0 of BAR4
     assert cfg_read(virtio_device, msix + 8, 4) == 0x1000 | 4
     cfg_write(virtio_device, msix + 2, 2, 0xFFFF)
     assert cfg_read(virtio_device, msix + 2, 2) == 0xC003  # enable + mask writable, size not
-    assert cfg_read(virtio_device, caps[Config.CAP_ID_PCIE] + 2, 2) & 0xF == 2
+    assert cfg_read(virtio_device, caps[PciConfig.CAP_ID_PCIE] + 2, 2) & 0xF == 2
     assert virtio_device.region_info(CFG).size == 4096
 
 
@@ -142,8 +137,8 @@ def test_msix_fires_eventfd_or_sets_pending(virtio_device: EmulatedPciDevice) ->
         assert os.eventfd_read(efd) == 1
         assert virtio_device.read(4, 0x1000, 1)[0] == 0
         # the function mask holds vectors too, and clearing it delivers them
-        control = Config.MSIX_CAP + Config.MSIX_CONTROL
-        cfg_write(virtio_device, control, 2, Config.MSIX_FUNCTION_MASK)
+        control = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+        cfg_write(virtio_device, control, 2, PciConfig.MSIX_FUNCTION_MASK)
         virtio_device.raise_msix(2)
         with pytest.raises(BlockingIOError):
             os.eventfd_read(efd)
@@ -157,10 +152,10 @@ def test_msix_fires_eventfd_or_sets_pending(virtio_device: EmulatedPciDevice) ->
 
 
 def test_reset_restores_config_and_clears_memory(virtio_device: EmulatedPciDevice) -> None:
-    cfg_write(virtio_device, Config.COMMAND, 2, Config.COMMAND_MEMORY)
+    cfg_write(virtio_device, PciConfig.COMMAND, 2, PciConfig.COMMAND_MEMORY)
     virtio_device.write(0, 0, b"junk")
     virtio_device.reset()
-    assert cfg_read(virtio_device, Config.COMMAND, 2) == 0
+    assert cfg_read(virtio_device, PciConfig.COMMAND, 2) == 0
     assert virtio_device.read(0, 0, 4) == bytes(4)
 
 

@@ -17,9 +17,9 @@ from vfio_mediate import (
     MediatorInUseError,
     MediatorRegistry,
     PluginLoadError,
-    Priority,
     RegistryError,
 )
+from vfio_mediate._entry_points import Priority
 
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 

@@ -8,7 +8,8 @@ from i40e_mediator import registers as r
 from i40e_mediator.guest import Guest
 from i40e_mediator.model import I40eVf
 
-from vfio_mediate import EmulatedPciDevice, MediatedDevice, bitmap_pages
+from vfio_mediate import EmulatedPciDevice, MediatedDevice
+from vfio_mediate._dirty import bitmap_pages
 from vfio_mediate.uapi import PAGE_SIZE, IrqIndex
 
 GUEST_IOVA = 0x4000_0000

@@ -18,7 +18,8 @@ from i40e_mediator import virtchnl as vc
 from i40e_mediator.guest import Guest
 from i40e_support import GUEST_IOVA, MEMORY_SIZE, Vf, WriteRecorder, report
 
-from vfio_mediate import MediatedDevice, MediatorRegistry, bitmap_pages, create_device
+from vfio_mediate import MediatedDevice, MediatorRegistry, create_device
+from vfio_mediate._dirty import bitmap_pages
 from vfio_mediate.uapi import PAGE_SIZE, MigrationState
 
 WHOLE = [(GUEST_IOVA, MEMORY_SIZE)]

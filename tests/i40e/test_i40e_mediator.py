@@ -16,12 +16,12 @@ from i40e_support import GUEST_IOVA, MEMORY_SIZE, Vf, WriteRecorder, report
 from vfio_mediate import (
     AccessError,
     DeviceSpec,
+    DeviceView,
     EmulatedPciDevice,
     MediatedDevice,
-    MediatorDevice,
     MediatorRegistry,
-    discover_device_models,
 )
+from vfio_mediate._entry_points import discover_device_models
 from vfio_mediate.uapi import PAGE_SIZE, RegionFlag
 
 
@@ -55,7 +55,7 @@ def test_every_other_device_is_declined(
 ) -> None:
     backend = other_device(vendor_id, device_id)
     try:
-        assert mediator.mediator_open(MediatorDevice(backend)) is None
+        assert mediator.mediator_open(DeviceView(backend)) is None
         with MediatedDevice(backend, registry) as device:
             assert device.mediator is not None and device.mediator.name == "null"
     finally:

@@ -19,7 +19,8 @@ from i40e_mediator.offload import internet_checksum
 from i40e_mediator.switch import SWITCH
 from i40e_support import GUEST_IOVA, MEMORY_SIZE, Vf, WriteRecorder
 
-from vfio_mediate import Config, MediatedDevice, MediatorRegistry, create_device
+from vfio_mediate import MediatedDevice, MediatorRegistry, create_device
+from vfio_mediate._pci import PciConfig
 from vfio_mediate.uapi import PAGE_SIZE, MigrationState, RegionFlag, RegionIndex
 
 
@@ -38,14 +39,14 @@ def stats(guest: Guest) -> dict[str, int]:
 
 
 def test_identity_bars_and_msix(vf: Vf) -> None:
-    assert config(vf, Config.VENDOR_ID, 2) == 0x8086
-    assert config(vf, Config.DEVICE_ID, 2) == 0x154C
-    assert config(vf, Config.CLASS_CODE, 3) == 0x020000
+    assert config(vf, PciConfig.VENDOR_ID, 2) == 0x8086
+    assert config(vf, PciConfig.DEVICE_ID, 2) == 0x154C
+    assert config(vf, PciConfig.CLASS_CODE, 3) == 0x020000
     for bar, size in ((0, 0x10000), (3, 0x4000)):
-        assert config(vf, Config.BAR0 + 4 * bar, 4) & 0x6 == Config.BAR_MEM64
+        assert config(vf, PciConfig.BAR0 + 4 * bar, 4) & 0x6 == PciConfig.BAR_MEM64
         info = vf.device.region_info(bar)
         assert info.size == size and info.flags & RegionFlag.MMAP
-    control = config(vf, Config.MSIX_CAP + Config.MSIX_CONTROL, 2)
+    control = config(vf, PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL, 2)
     assert (control & 0x7FF) + 1 == r.MSIX_VECTORS == r.NUM_QUEUE_PAIRS + 1
 
 
@@ -508,7 +509,7 @@ def test_no_dma_without_bus_mastering_or_while_quiesced(vf: Vf, recorder: WriteR
     assert recorder.take() and guest.clean(0) == 1
     guest.poll_admin()
     assert guest.aq.reply is not None and guest.aq.reply[0] == vc.OP_GET_STATS
-    vf.device.write(RegionIndex.CONFIG, Config.COMMAND, (0).to_bytes(2, "little"))
+    vf.device.write(RegionIndex.CONFIG, PciConfig.COMMAND, (0).to_bytes(2, "little"))
     guest.send(0, 64)
     assert not recorder.take()
 

@@ -1,5 +1,5 @@
 """Facts the server and its command line keep in one place, imported by every user: the
-logger names, the page size, the default device. A second spelling would drift."""
+logger names, the page size; and no default device of their own. A second spelling would drift."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import vfio_mediate.cli
 import vfio_mediate.server
 from vfio_mediate.cli import build_parser
-from vfio_mediate.cli._defaults import DEFAULT_DEVICE
-from vfio_mediate.server import LOGGER_NAME, SESSIONS_LOGGER_NAME, Capabilities
+from vfio_mediate.server import LOGGER_NAME, SESSIONS_LOGGER_NAME, VfioUserCapabilities
 from vfio_mediate.uapi import PAGE_SIZE
 
 SERVER = Path(vfio_mediate.server.__file__).parent
@@ -31,11 +30,13 @@ def test_the_server_logger_names_are_spelled_once() -> None:
 
 def test_the_page_size_is_the_uapi_one() -> None:
     assert sources_matching(r"PAGE_SIZE = ") == []
-    assert Capabilities().pgsizes == PAGE_SIZE
+    assert VfioUserCapabilities().pgsizes == PAGE_SIZE
 
 
-def test_one_default_device_for_every_subcommand() -> None:
-    assert sources_matching(r"DEFAULT_DEVICE = ") == ["cli/_defaults.py"]
+def test_no_subcommand_names_a_device_model() -> None:
+    """Without ``--device`` a subcommand asks ``default_device_model``: no vendor's model is
+    spelled in the server or the command line."""
+    assert sources_matching(r"i40e") == []
     parser = build_parser()
-    for command in ("probe", "migrate-demo"):
-        assert parser.parse_args([command]).device == DEFAULT_DEVICE
+    for command in ("serve", "probe", "migrate-demo"):
+        assert not parser.parse_args([command]).device

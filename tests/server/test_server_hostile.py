@@ -166,7 +166,7 @@ def test_migration_data_written_is_bounded_and_the_other_device_serves_on(
         # A new RESUMING starts counting anew.
         with pytest.raises(AccessError):  # zeros are no device state: loading them fails
             client.set_migration_state(MigrationState.STOP)
-        assert client.migration_state() is MigrationState.ERROR
+        assert client.migration_state is MigrationState.ERROR
         client.reset()
         client.set_migration_state(MigrationState.RESUMING)
         client.write_migration_data(bytes(PAGE))
@@ -187,7 +187,7 @@ def test_a_device_left_stopped_is_resumed_and_the_next_session_told_the_truth(
         assert test_endpoint.wait_idle(2)
     assert f"left the device in {left_in.name}: resumed" in caplog.text
     with VfioUserClient.connect(test_endpoint.path) as client:
-        told = client.migration_state()
+        told = client.migration_state
         assert told is MigrationState.RUNNING and mediator.states[name] == told
 
 
@@ -201,7 +201,7 @@ def test_a_device_left_resuming_garbage_is_reset(
         assert test_endpoint.wait_idle(2)
     assert "left the device in RESUMING and it cannot resume" in caplog.text
     with VfioUserClient.connect(test_endpoint.path) as client:
-        assert client.migration_state() is MigrationState.RUNNING
+        assert client.migration_state is MigrationState.RUNNING
 
 
 FLOODER = """

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from server_testlib import CMD_FILL, MSIX_VECTORS, REG_DOORBELL, REG_SRC, open_fds
 
-from vfio_mediate import AccessError, Config
+from vfio_mediate import AccessError
+from vfio_mediate._pci import PciConfig
 from vfio_mediate.server import DeviceEndpoint, VfioUserClient
 from vfio_mediate.uapi import IrqIndex, IrqInfoFlag, IrqSetFlag
 
@@ -97,8 +98,10 @@ def test_masked_msix_vector_stays_pending(
 ) -> None:
     client = connect(test_endpoint)
     client.set_irq_eventfds(MSIX, 0, eventfds)
-    control = Config.MSIX_CAP + Config.MSIX_CONTROL
-    client.write(7, control, struct.pack("<H", Config.MSIX_ENABLE | Config.MSIX_FUNCTION_MASK))
+    control = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+    client.write(
+        7, control, struct.pack("<H", PciConfig.MSIX_ENABLE | PciConfig.MSIX_FUNCTION_MASK)
+    )
     test_endpoint.device.fire_irqs(MSIX, 0, 1)
     assert fired(eventfds[0], 0.05) == 0
 

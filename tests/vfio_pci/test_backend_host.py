@@ -20,8 +20,8 @@ from vfio_mediate import (
     VfioPciDevice,
     anonymous_memory,
     create_device,
-    is_pci_address,
 )
+from vfio_mediate._vfio import is_pci_address
 from vfio_mediate.server import BackgroundServer, VfioUserClient
 from vfio_mediate.uapi import DeviceFeature, IrqIndex
 

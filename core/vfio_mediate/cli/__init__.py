@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import _registry
+from .._entry_points import load_entry_point
 from .._errors import VfioMediateError
-from .._registry import load_entry_point
 
 __all__ = ["main"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_DEVICE"]
+__all__ = ["DEFAULT_DEVICE_HELP"]
 
-DEFAULT_DEVICE = "i40e-vf"
-"""The device model a subcommand uses when no ``--device`` is given."""
+DEFAULT_DEVICE_HELP = "default: the first installed device model, by name"
+"""What ``--help`` says of a missing ``--device`` (``default_device_model`` picks it)."""

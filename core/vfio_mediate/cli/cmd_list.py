@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from .._devices import discover_device_models
+from .._entry_points import discover_device_models
 from .._registry import MediatorRegistry
 
 

@@ -5,6 +5,11 @@ pre-copied in rounds driven by the device's dirty bitmap plus the pages the gues
 then the device stops, the last pages and the device state go to a destination device with its
 own memory, and the destination resumes. The guest then continues on the destination. The
 workload is the device model's own, found in the ``vfio_mediate.workloads`` entry points.
+
+``--transport in-process`` (the default) builds both devices in this process.
+``--transport vfio-user`` serves each device from a ``vfio-mediate serve`` process of its own
+and acts as their VMM: the guest memory of each side is a memfd mapped into its server, the
+guest's traffic goes as region writes, and migration and dirty logging over the sockets.
 """
 
 from __future__ import annotations
@@ -12,20 +17,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, TextIO
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
 from .._dma import anonymous_memory
-from .._migrate import LiveMigration, MigrationProgress, MigrationReport, find_workload
-from .._pci import EmulatedPciDevice
+from .._entry_points import default_device_model, find_workload
+from .._errors import VfioMediateError
+from .._live_migration import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
 from .._registry import MediatorRegistry
+from ..server import VfioUserClient
 from ._arguments import count, memory_mib
-from ._defaults import DEFAULT_DEVICE
 
 GUEST_IOVA = 0x1_0000_0000
 BAR_WIDTH = 30
+TRANSPORTS = ("in-process", "vfio-user")
+SERVER_START_SECONDS = 60.0
+"""How long a ``serve`` process may take to listen (imports on a loaded machine are slow)."""
+# A serve process for the model in argv[1]: the workload's far end (``Workload``) made there
+# first and kept for the process's life, then ``vfio-mediate serve`` with the rest of argv.
+_SERVE = (
+    "import sys\n"
+    "from vfio_mediate._entry_points import find_workload\n"
+    "from vfio_mediate.cli import main\n"
+    "far_end = getattr(find_workload(sys.argv[1]), 'far_end', None)\n"
+    "kept = far_end() if far_end is not None else None\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+Side = tuple[MigratableDevice, memoryview]
 
 
 def register(subparsers: Any) -> None:
@@ -39,9 +65,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--device",
-        default=DEFAULT_DEVICE,
         metavar="MODEL",
-        help=f"a device model with a guest workload (default: {DEFAULT_DEVICE})",
+        help="a device model with a guest workload (default: the first installed one, by name)",
     )
     parser.add_argument("--memory", type=memory_mib, default=16, metavar="MIB", help="guest memory")
     parser.add_argument("--rounds", type=count, default=8, help="most pre-copy rounds")
@@ -52,28 +77,34 @@ def register(subparsers: Any) -> None:
         "--slices", type=count, default=20, metavar="N", help="guest slices before and after"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the guest's traffic")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="in-process",
+        help="in-process: both devices in this process (default); vfio-user: each served by "
+        "a 'vfio-mediate serve' process of its own, this command acting as their VMM",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build both sides, migrate, continue on the destination, report."""
-    factory = find_workload(args.device)
-    registry = MediatorRegistry.from_entry_points()
-    registry.require_loaded()
+    model = args.device or default_device_model(with_workload=True)
+    factory = find_workload(model)
     size = args.memory << 20
-    backends: list[EmulatedPciDevice] = []
-    try:
-        sides = []
-        for role in ("source", "destination"):
-            backend = create_device(args.device, name=f"{args.device}-{role}")
-            backends.append(backend)
-            fd, memory = anonymous_memory(size, f"guest-{role}")
-            os.close(fd)  # the mapping keeps the memory
-            backend.dma.map_memory(GUEST_IOVA, memory)
-            device = MediatedDevice(backend, registry)
-            device.open()
-            sides.append((device, memoryview(memory)))
+    with ExitStack() as stack:
+        if args.transport == "vfio-user":
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            sides = [_served_side(stack, model, role, directory, size) for role in _ROLES]
+            served_by = "over vfio-user, each device in a vfio-mediate serve process of its own"
+        else:
+            registry = MediatorRegistry.from_entry_points()
+            registry.require_loaded()
+            local = [_local_side(stack, model, role, registry, size) for role in _ROLES]
+            winner = local[0][0].mediator
+            served_by = f"mediator {winner.name if winner else 'none'}"
+            sides = [(device, memory) for device, memory in local]
         (source, source_memory), (destination, destination_memory) = sides
         source_memory[:] = os.urandom(size)  # the guest's RAM has content to carry over
         guest = factory(source, source_memory, GUEST_IOVA, seed=args.seed)
@@ -83,10 +114,8 @@ def run(args: argparse.Namespace) -> int:
         before = guest.stats()
         display = None if args.json else Progress(sys.stdout)
         if display is not None:
-            winner = source.mediator
             print(
-                f"migrating {args.device} under traffic: {args.memory} MiB of guest memory, "
-                f"mediator {winner.name if winner else 'none'}"
+                f"migrating {model} under traffic: {args.memory} MiB of guest memory, {served_by}"
             )
         report = LiveMigration(
             source,
@@ -102,14 +131,10 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.slices):
             moved.run()
         after = moved.stats()
-        for device, _ in sides:
-            device.close()
-    finally:
-        for backend in backends:
-            backend.close()
     continues = after["received"] > before["received"] and not after.get("corrupt", 0)
     result = {
-        "device": args.device,
+        "device": model,
+        "transport": args.transport,
         "memory_bytes": size,
         **report.as_dict(),
         "traffic_before": before,
@@ -122,6 +147,83 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(report, before, after, continues)
     return 0 if result["ok"] else 1
+
+
+_ROLES = ("source", "destination")
+
+
+def _local_side(
+    stack: ExitStack, model: str, role: str, registry: MediatorRegistry, size: int
+) -> tuple[MediatedDevice, memoryview]:
+    """A device of this process, its guest memory mapped into its DMA space."""
+    backend = create_device(model, name=f"{model}-{role}")
+    stack.callback(backend.close)
+    fd, memory = anonymous_memory(size, f"guest-{role}")
+    os.close(fd)  # the mapping keeps the memory
+    backend.dma.map_memory(GUEST_IOVA, memory)
+    device = MediatedDevice(backend, registry)
+    device.open()
+    stack.callback(device.close)
+    return device, memoryview(memory)
+
+
+def _served_side(stack: ExitStack, model: str, role: str, directory: Path, size: int) -> Side:
+    """A device served by a ``vfio-mediate serve`` process of its own, and a client of it
+    whose guest memory (a memfd) is DMA-mapped into the server."""
+    path = directory / f"{role}.sock"
+    errors = stack.enter_context((directory / f"{role}.log").open("w+"))
+    command = [
+        sys.executable,
+        "-c",
+        _SERVE,
+        model,
+        "serve",
+        "--device",
+        model,
+        "--socket",
+        str(path),
+    ]
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
+    )
+    stack.callback(_stop, process)
+    client = _connect(process, path, errors, role)
+    stack.callback(client.close)
+    client.name = f"{model}-{role}"
+    # The mapping lives as long as the views of it (the guest's and the migration's).
+    memory = client.dma_map_memfd(GUEST_IOVA, size)
+    return client, memoryview(memory)
+
+
+def _connect(
+    process: subprocess.Popen[bytes], path: Path, errors: TextIO, role: str
+) -> VfioUserClient:
+    """Connect to the server once it listens; a server that exits first is an error."""
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while True:
+        if process.poll() is not None:
+            errors.seek(0)
+            lines = errors.read().strip().splitlines() or [f"exit status {process.returncode}"]
+            raise VfioMediateError(f"the {role}'s vfio-mediate serve failed: {lines[-1]}")
+        if path.exists():
+            try:
+                return VfioUserClient.connect(path)
+            except ConnectionRefusedError:
+                pass  # bound but not yet listening
+        if time.monotonic() > deadline:
+            raise VfioMediateError(
+                f"the {role}'s vfio-mediate serve did not listen within {SERVER_START_SECONDS} s"
+            )
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class Progress:

@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
+from .._entry_points import default_device_model
 from .._registry import MediatorRegistry
 from ..uapi import PCI_NUM_REGIONS, RegionFlag, RegionIndex, RegionInfo
-from ._defaults import DEFAULT_DEVICE
+from ._defaults import DEFAULT_DEVICE_HELP
 
 
 def register(subparsers: Any) -> None:
@@ -24,9 +25,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--device",
-        default=DEFAULT_DEVICE,
         metavar="SPEC",
-        help=f"a device model name or a TOML spec file (default: {DEFAULT_DEVICE})",
+        help=f"a device model name or a TOML spec file ({DEFAULT_DEVICE_HELP})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     an installed mediator failed to load (the device could be its and show "passthrough")."""
     registry = MediatorRegistry.from_entry_points()
     registry.require_loaded()
-    backend = create_device(args.device)
+    backend = create_device(args.device or default_device_model())
     try:
         with MediatedDevice(backend, registry) as device:
             winner = device.mediator

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .._device import MediatedDevice
-from .._devices import create_device
+from .._device_factory import create_device
+from .._entry_points import default_device_model
 from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
 from ..server import SESSIONS_LOGGER_NAME, DeviceEndpoint, VfioUserServer, check_socket_directory
-from ._defaults import DEFAULT_DEVICE
+from ._defaults import DEFAULT_DEVICE_HELP
 
 
 def register(subparsers: Any) -> None:
@@ -40,7 +41,7 @@ def register(subparsers: Any) -> None:
         "--device",
         action="append",
         metavar="SPEC",
-        help=f"a device model name or a TOML spec file, repeatable (default: {DEFAULT_DEVICE})",
+        help=f"a device model name or a TOML spec file, repeatable ({DEFAULT_DEVICE_HELP})",
     )
     parser.add_argument(
         "--socket",
@@ -119,7 +120,7 @@ def _socket_paths(names: list[str], sockets: list[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; exit status 0 after a clean shutdown."""
-    specs: list[str] = args.device or [DEFAULT_DEVICE]
+    specs: list[str] = args.device or [default_device_model()]
     if len(args.socket) > len(specs):
         raise SystemExit("vfio-mediate serve: more --socket than --device options")
     if args.verbose == 0:

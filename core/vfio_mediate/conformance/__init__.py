@@ -14,14 +14,14 @@ through the real core, and fails each broken rule once, in one line that starts 
 and names the plugin (``[rw-result] 'name' (distribution version): what, where``), the detail
 on the lines after; a mediator that cannot be loaded fails the run at once, in one message.
 Capabilities (migration v2, dirty logging, device-specific regions) are learnt from the hooks
-(see ``Capabilities``); their tests skip, with the reason, when absent.
+(see ``MediatorCapabilities``); their tests skip, with the reason, when absent.
 Dirty logging is checked against the writes the device really made, under the suite's accesses
 and, for a target device model that ships a guest workload (``vfio_mediate.workloads``), under
 that workload's traffic; the terminal summary shows the over-report ratio measured.
 Without ``--mediator`` the plugin does nothing.
 """
 
-from ._capabilities import Capabilities, Profile
+from ._capabilities import MediatorCapabilities, Profile
 from ._mediator import HookCall, HookRecorder, Implementation, MediatorUnderTest
 from ._plugin import (
     pytest_addoption,
@@ -37,10 +37,10 @@ from ._plugin import (
 from ._targets import Target
 
 __all__ = [
-    "Capabilities",
     "HookCall",
     "HookRecorder",
     "Implementation",
+    "MediatorCapabilities",
     "MediatorUnderTest",
     "Profile",
     "Target",

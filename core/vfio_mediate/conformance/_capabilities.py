@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from .._device import MediatedDevice
+from .._entry_points import Priority
 from .._errors import ContractViolation
-from .._registry import Priority
 from ..uapi import PCI_NUM_REGIONS
 from ._mediator import MediatorUnderTest
 from ._targets import Target
 
-__all__ = ["Capabilities", "Profile"]
+__all__ = ["MediatorCapabilities", "Profile"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Profile:
 
 
 @dataclass(frozen=True)
-class Capabilities:
+class MediatorCapabilities:
     """The capabilities a mediator declares (see the module docstring for how)."""
 
     mediator: str
@@ -56,7 +56,7 @@ class Capabilities:
     raised again by each question asked of the capabilities, inside the test that asks."""
 
     @classmethod
-    def probe(cls, mediator: MediatorUnderTest, targets: Sequence[Target]) -> Capabilities:
+    def probe(cls, mediator: MediatorUnderTest, targets: Sequence[Target]) -> MediatorCapabilities:
         """Open each target once (the mediator alone in a registry) and read what it offers."""
         registry = mediator.registry()
         profiles = []

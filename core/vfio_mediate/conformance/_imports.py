@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from .._registry import MEDIATOR_GROUP
+from .._entry_points import MEDIATOR_GROUP
 
 __all__ = ["CORE", "ImportReport", "core_imports_by", "import_fresh"]
 

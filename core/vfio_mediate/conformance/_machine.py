@@ -1,5 +1,5 @@
 """The migration v2 state machine test: random legal and illegal transitions, checked against
-Linux's arc table (``vfio_mediate._migration``).
+Linux's arc table (``vfio_mediate._migration_arcs``).
 
 The model is the arc table and what a client wrote while RESUMING. Each step asks the device
 for a state through ``MediatedDevice.set_migration_state`` (the real core, the real mediator):
@@ -28,15 +28,15 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from .._device import MigrationStream
+from .._device_migration import MigrationStream
 from .._errors import ContractViolation, MigrationError
-from .._migration import ARCS, migration_path
+from .._migration_arcs import ARCS, migration_path
 from .._rules import Rule
 from ..uapi import MigrationState
-from ._bench import Bench
+from ._exercises import drain
+from ._rig import DeviceRig
 from ._targets import Target
 from ._verdict import RuleFailure, core_message
-from ._workload import drain
 
 __all__ = ["SETTINGS", "check_migration"]
 
@@ -59,7 +59,7 @@ def _violation(message: str) -> RuleFailure:
 class MigrationMachine(RuleBasedStateMachine):
     """One open device of ``target`` driven through random migration state requests."""
 
-    bench: ClassVar[Bench]
+    rig: ClassVar[DeviceRig]
     target: ClassVar[Target]
     flags: ClassVar[int]
     saved: ClassVar[bytes]
@@ -67,7 +67,7 @@ class MigrationMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.device = self.bench.device(self.target, "migration")
+        self.device = self.rig.device(self.target, "migration")
         self.device.open()
         self.state = S.RUNNING
         # What the last write while RESUMING was: "saved", "garbage" or nothing yet (None).
@@ -75,7 +75,7 @@ class MigrationMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Close the device and free it."""
-        self.bench.discard(self.device)
+        self.rig.discard(self.device)
 
     @rule(wanted=st.sampled_from(S))
     def request(self, wanted: MigrationState) -> None:
@@ -85,7 +85,7 @@ class MigrationMachine(RuleBasedStateMachine):
             path = migration_path(current, target, self.flags)
         except MigrationError:
             path = None
-        since = self.bench.calls
+        since = self.rig.calls
         try:
             outcome: Any = self.device.set_migration_state(target)
         except MigrationError as exc:
@@ -96,7 +96,7 @@ class MigrationMachine(RuleBasedStateMachine):
             ) from exc
         arcs = [
             (S(call.args["current"]), S(call.args["new"]))
-            for call in self.bench.recorder.of("mediator_set_state", since)
+            for call in self.rig.recorder.of("mediator_set_state", since)
             if {"current", "new"} <= call.args.keys()
         ]
         if path is None:
@@ -203,12 +203,12 @@ class MigrationMachine(RuleBasedStateMachine):
             )
 
 
-def check_migration(bench: Bench, target: Target, flags: int, saved: bytes) -> None:
-    """Run the state machine on devices of ``target`` (made on ``bench``) that migrate with
+def check_migration(rig: DeviceRig, target: Target, flags: int, saved: bytes) -> None:
+    """Run the state machine on devices of ``target`` (made on ``rig``) that migrate with
     ``flags``; ``saved`` is a whole stream a device of the same kind saved."""
     machine = type(
         "MigrationMachine",
         (MigrationMachine,),
-        {"bench": bench, "target": target, "flags": flags, "saved": saved},
+        {"rig": rig, "target": target, "flags": flags, "saved": saved},
     )
     run_state_machine_as_test(machine, settings=SETTINGS)

@@ -14,8 +14,9 @@ from typing import Any, final
 import pluggy
 
 from .. import hookspecs
+from .._entry_points import MEDIATOR_GROUP, PluginRecord, Priority, load_entry_point
 from .._errors import ContractViolation, PluginLoadError
-from .._registry import MEDIATOR_GROUP, MediatorRegistry, PluginRecord, Priority, load_entry_point
+from .._registry import MediatorRegistry
 from .._rules import Rule
 
 __all__ = [

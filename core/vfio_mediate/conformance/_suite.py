@@ -17,16 +17,8 @@ from .._device import MediatedDevice
 from .._errors import MigrationError
 from .._rules import Rule
 from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag
-from ._bench import Bench
-from ._capabilities import Capabilities
-from ._imports import ImportReport, core_imports_by, import_fresh
-from ._machine import check_migration
-from ._mediator import HookCall, MediatorUnderTest
-from ._plugin import DIRTY_LOGGING_PROPERTY, LEDGER, LOADED
-from ._targets import Target, TargetError, decoys_for, targets_from
-from ._traffic import logged_traffic, workload_for
-from ._verdict import Ledger, checks, describe, fail, reporting_to
-from ._workload import (
+from ._capabilities import MediatorCapabilities
+from ._exercises import (
     GUEST_IOVA,
     GUEST_SIZE,
     differences,
@@ -43,6 +35,14 @@ from ._workload import (
     shown,
     workout,
 )
+from ._imports import ImportReport, core_imports_by, import_fresh
+from ._machine import check_migration
+from ._mediator import HookCall, MediatorUnderTest
+from ._plugin import DIRTY_LOGGING_PROPERTY, LEDGER, LOADED
+from ._rig import DeviceRig
+from ._targets import Target, TargetError, decoys_for, targets_from
+from ._traffic import logged_traffic, workload_for
+from ._verdict import Ledger, checks, describe, fail, reporting_to
 
 S = MigrationState
 
@@ -98,9 +98,9 @@ def targets(mediator: MediatorUnderTest) -> Targets:
 
 
 @pytest.fixture(scope="module")
-def capabilities(mediator: MediatorUnderTest, targets: Targets) -> Capabilities:
+def capabilities(mediator: MediatorUnderTest, targets: Targets) -> MediatorCapabilities:
     """What the mediator declares beyond the basic contract."""
-    return Capabilities.probe(mediator, list(targets))
+    return MediatorCapabilities.probe(mediator, list(targets))
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +112,9 @@ def import_report(
 
 
 @pytest.fixture
-def bench(mediator: MediatorUnderTest) -> Iterator[Bench]:
+def rig(mediator: MediatorUnderTest) -> Iterator[DeviceRig]:
     """Devices for one test, all freed at its end."""
-    made = Bench(mediator)
+    made = DeviceRig(mediator)
     yield made
     made.close()
 
@@ -141,7 +141,7 @@ class TestContract:
         self,
         mediator: MediatorUnderTest,
         targets: Targets,
-        bench: Bench,
+        rig: DeviceRig,
         import_report: ImportReport,
     ) -> None:
         """It imports without ``vfio_mediate`` (a fresh interpreter that refuses it), and its
@@ -159,7 +159,7 @@ class TestContract:
             )
         with core_imports_by(mediator.modules) as seen:
             for number, target in enumerate(targets):
-                with bench.opened(target, "imports") as device:
+                with rig.opened(target, "imports") as device:
                     workout(device, target, seed=number)
         if seen:
             fail(Rule.NO_CORE_IMPORT, f"while its hooks ran: {'; '.join(dict.fromkeys(seen))}")
@@ -178,13 +178,13 @@ class TestOpen:
             )
 
     @checks(Rule.OPEN_TARGETS)
-    def test_claims_its_targets(self, targets: Targets, bench: Bench) -> None:
+    def test_claims_its_targets(self, targets: Targets, rig: DeviceRig) -> None:
         """It claims each device it names as a target."""
         for target in targets:
-            since = bench.calls
-            with bench.opened(target, "claim") as device:
+            since = rig.calls
+            with rig.opened(target, "claim") as device:
                 if device.mediator is None:
-                    (call,) = bench.recorder.of("mediator_open", since)
+                    (call,) = rig.recorder.of("mediator_open", since)
                     why = f"raised {call.error!r}" if call.error else "returned None"
                     fail(
                         Rule.OPEN_TARGETS,
@@ -194,15 +194,15 @@ class TestOpen:
 
     @checks(Rule.OPEN_TARGETS)
     def test_declines_other_devices(
-        self, targets: Targets, capabilities: Capabilities, bench: Bench
+        self, targets: Targets, capabilities: MediatorCapabilities, rig: DeviceRig
     ) -> None:
         """It declines, with ``None``, devices shaped like its targets but with another vendor
         or device id (a fallback, ``trylast``, may claim anything)."""
         capabilities.require_not_fallback()
         for decoy in targets.decoys:
-            since = bench.calls
-            with bench.opened(decoy, "decoy") as device:
-                (call,) = bench.recorder.of("mediator_open", since)
+            since = rig.calls
+            with rig.opened(decoy, "decoy") as device:
+                (call,) = rig.recorder.of("mediator_open", since)
                 # A falsy result meant to decline breaks open-result (test_open_result says so).
                 if device.mediator is not None and call.result:
                     fail(
@@ -212,13 +212,15 @@ class TestOpen:
                     )
 
     @checks(Rule.OPEN_RESULT)
-    def test_open_result(self, targets: Targets, capabilities: Capabilities, bench: Bench) -> None:
+    def test_open_result(
+        self, targets: Targets, capabilities: MediatorCapabilities, rig: DeviceRig
+    ) -> None:
         """``mediator_open`` declines by returning ``None``, never by raising nor with another
         falsy value; the handle it returns is what every later hook of that device receives."""
         for number, target in enumerate([*targets, *targets.decoys]):
-            since = bench.calls
-            with bench.opened(target, "open") as device:
-                (call,) = bench.recorder.of("mediator_open", since)
+            since = rig.calls
+            with rig.opened(target, "open") as device:
+                (call,) = rig.recorder.of("mediator_open", since)
                 if call.error is not None:
                     fail(
                         Rule.OPEN_RESULT,
@@ -230,7 +232,7 @@ class TestOpen:
                 if target in targets.decoys or call.result is None:
                     continue
                 workout(device, target, seed=number)
-            for later in bench.recorder.calls[since:]:
+            for later in rig.recorder.calls[since:]:
                 if "handle" in later.args and later.args["handle"] is not call.result:
                     fail(
                         Rule.OPEN_RESULT,
@@ -239,7 +241,7 @@ class TestOpen:
                     )
 
 
-def _check_decline(call: HookCall, decoy: Target, capabilities: Capabilities) -> None:
+def _check_decline(call: HookCall, decoy: Target, capabilities: MediatorCapabilities) -> None:
     """A mediator that is not a fallback declines a decoy with ``None``, not another falsy
     value, which claims it (``open-result``)."""
     if not capabilities.fallback and call.result is not None and not call.result:
@@ -254,24 +256,26 @@ class TestRelease:
     """The end of a claim."""
 
     @checks(Rule.RELEASE_ONCE)
-    def test_release_once(self, targets: Targets, capabilities: Capabilities, bench: Bench) -> None:
+    def test_release_once(
+        self, targets: Targets, capabilities: MediatorCapabilities, rig: DeviceRig
+    ) -> None:
         """``mediator_release`` runs once, at the last close, with the claimed handle, and
         completes; never for a device it declined."""
         for number, target in enumerate([*targets, *targets.decoys]):
-            device = bench.device(target, "release")
-            since = bench.calls
+            device = rig.device(target, "release")
+            since = rig.calls
             device.open()
-            (opened,) = bench.recorder.of("mediator_open", since)
+            (opened,) = rig.recorder.of("mediator_open", since)
             if target in targets.decoys:
                 _check_decline(opened, target, capabilities)
             device.open()
             if device.mediator is not None and target not in targets.decoys:
                 workout(device, target, seed=number)
             device.close()
-            if bench.recorder.of("mediator_release", since):
+            if rig.recorder.of("mediator_release", since):
                 fail(Rule.RELEASE_ONCE, f"{target}: released at a close that was not the last")
             device.close()
-            releases = bench.recorder.of("mediator_release", since)
+            releases = rig.recorder.of("mediator_release", since)
             expected = 0 if opened.result is None else 1
             if len(releases) != expected:
                 fail(
@@ -293,11 +297,11 @@ class TestRegions:
     """What the mediator says about the device's regions."""
 
     @checks(Rule.REGIONS_RESULT)
-    def test_regions_result(self, targets: Targets, bench: Bench) -> None:
+    def test_regions_result(self, targets: Targets, rig: DeviceRig) -> None:
         """``mediator_regions`` names regions the device has (the core checks it at open);
         the regions it names, and its own, are the ones mediated."""
         for target in targets:
-            with bench.opened(target, "mediated") as device:
+            with rig.opened(target, "mediated") as device:
                 own = {info.index for info in device.regions if info.index >= PCI_NUM_REGIONS}
                 if not own <= device.mediated_regions:
                     fail(
@@ -307,11 +311,11 @@ class TestRegions:
                     )
 
     @checks(Rule.REGION_INFO_VALID)
-    def test_region_info_valid(self, targets: Targets, bench: Bench) -> None:
+    def test_region_info_valid(self, targets: Targets, rig: DeviceRig) -> None:
         """Valid info for every region (the core checks it narrows the device's); a region it
         does not mediate keeps the device's own info exactly; no MSI-X mmap it lacks."""
         for target in targets:
-            with bench.opened(target, "regions") as device:
+            with rig.opened(target, "regions") as device:
                 for index in range(PCI_NUM_REGIONS):
                     info = device.region_info(index)
                     own = device.backend.region_info(index)
@@ -328,11 +332,11 @@ class TestRegions:
                         )
 
     @checks(Rule.DEVICE_REGIONS_VALID)
-    def test_device_regions_valid(self, capabilities: Capabilities, bench: Bench) -> None:
+    def test_device_regions_valid(self, capabilities: MediatorCapabilities, rig: DeviceRig) -> None:
         """Its device-specific regions have a size and access flags, are accessible, and can
         be mapped where they say so."""
         for number, profile in enumerate(capabilities.with_device_regions()):
-            with bench.opened(profile.target, "own-regions") as device:
+            with rig.opened(profile.target, "own-regions") as device:
                 for index in profile.device_regions:
                     info = device.region_info(index)
                     if not info.size or not info.flags & (RegionFlag.READ | RegionFlag.WRITE):
@@ -357,19 +361,19 @@ class TestAccess:
     """Reads, writes and mappings of mediated regions."""
 
     @checks(Rule.RW_RESULT)
-    def test_rw_result(self, targets: Targets, bench: Bench) -> None:
+    def test_rw_result(self, targets: Targets, rig: DeviceRig) -> None:
         """Every access of a mediated region returns exactly the bytes read or the count
         written, and changes nothing outside the access."""
         for number, target in enumerate(targets):
-            with bench.opened(target, "rw") as device:
+            with rig.opened(target, "rw") as device:
                 for index in sorted(device.mediated_regions):
                     rw_workload(device, target, index, seed=number)
 
     @checks(Rule.ACCESS_ERRORS)
-    def test_access_errors(self, targets: Targets, bench: Bench) -> None:
+    def test_access_errors(self, targets: Targets, rig: DeviceRig) -> None:
         """Whatever the mediator refuses, it refuses with an ``OSError`` that has an errno."""
         for number, target in enumerate(targets):
-            with bench.opened(target, "errors") as device:
+            with rig.opened(target, "errors") as device:
                 for refusal in workout(device, target, seed=number, dense=True):
                     code = refusal.error.errno
                     if not isinstance(code, int) or code not in errno.errorcode:
@@ -380,11 +384,11 @@ class TestAccess:
                         )
 
     @checks(Rule.MMAP_RESULT)
-    def test_mmap_result(self, targets: Targets, bench: Bench) -> None:
+    def test_mmap_result(self, targets: Targets, rig: DeviceRig) -> None:
         """Each mmap-able area maps: a file descriptor and offset whose memory shows the
         region's bytes (and, on a plain device, is the region's memory)."""
         for number, target in enumerate(targets):
-            with bench.opened(target, "mmap") as device:
+            with rig.opened(target, "mmap") as device:
                 for info in device.regions:
                     fill(device, target, info.index, seed=number)
                 mmap_workload(device, target, verify=True)
@@ -397,7 +401,7 @@ class TestConduct:
     def test_quiet(
         self,
         targets: Targets,
-        bench: Bench,
+        rig: DeviceRig,
         import_report: ImportReport,
         capfd: pytest.CaptureFixture[str],
     ) -> None:
@@ -406,28 +410,28 @@ class TestConduct:
             fail(Rule.QUIET, f"importing it printed {describe(import_report.printed)}")
         capfd.readouterr()
         for number, target in enumerate(targets):
-            with bench.opened(target, "quiet") as device:
+            with rig.opened(target, "quiet") as device:
                 workout(device, target, seed=number)
         for decoy in targets.decoys:
-            with bench.opened(decoy, "quiet"):
+            with rig.opened(decoy, "quiet"):
                 pass
         printed = capfd.readouterr().out
         if printed:
             fail(Rule.QUIET, f"its hooks printed {describe(printed)}")
 
     @checks(Rule.ISOLATION)
-    def test_isolation(self, targets: Targets, bench: Bench) -> None:
+    def test_isolation(self, targets: Targets, rig: DeviceRig) -> None:
         """Using, resetting, migrating and closing one device changes nothing another device
         of the same kind shows: region info, flags and (on a plain device) contents, at every
         register of its trapped pages, which the first device writes, every one."""
         for target in targets:
-            with bench.opened(target, "isolation-b") as other:
+            with rig.opened(target, "isolation-b") as other:
                 # Contents are compared on plain devices only: only there does writing every
                 # register (each device its own pattern) pay.
                 for index in sorted(other.mediated_regions):
                     rw_workload(other, target, index, seed=2, dense=target.is_plain)
                 before = observe(other, target, contents=target.is_plain)
-                with bench.opened(target, "isolation-a") as device:
+                with rig.opened(target, "isolation-a") as device:
                     workout(device, target, seed=1, dense=target.is_plain)
                 after = observe(other, target, contents=target.is_plain)
                 changed = differences(before, after)
@@ -440,12 +444,12 @@ class TestConduct:
                 workout(other, target, seed=3)
 
     @checks(Rule.REOPEN)
-    def test_reopen(self, targets: Targets, bench: Bench) -> None:
+    def test_reopen(self, targets: Targets, rig: DeviceRig) -> None:
         """After the last close and a new open the device is claimed again and looks and
         works as it did: the same region info and flags, the same accesses refused and, on a
         plain device, the same contents of the device's regions."""
         for number, target in enumerate(targets):
-            device = bench.device(target, "reopen")
+            device = rig.device(target, "reopen")
             with device:
                 workout(device, target, seed=number)
                 # Writes every register through the mediator (a mediator may shadow them).
@@ -486,10 +490,10 @@ class TestMigration:
     """Migration v2, for targets whose ``mediator_migration_flags`` gives flags."""
 
     @checks(Rule.MIGRATION)
-    def test_migration_flags(self, capabilities: Capabilities, bench: Bench) -> None:
+    def test_migration_flags(self, capabilities: MediatorCapabilities, rig: DeviceRig) -> None:
         """The flags are valid (STOP_COPY at least) and the same at every open."""
         for profile in capabilities.migrating():
-            with bench.opened(profile.target, "flags") as device:
+            with rig.opened(profile.target, "flags") as device:
                 flags = device.migration_flags
             if flags != profile.migration_flags:
                 fail(
@@ -499,19 +503,19 @@ class TestMigration:
                 )
 
     @checks(Rule.MIGRATION)
-    def test_migration_round_trip(self, capabilities: Capabilities, bench: Bench) -> None:
+    def test_migration_round_trip(self, capabilities: MediatorCapabilities, rig: DeviceRig) -> None:
         """A state one device saves loads into another device of the same kind."""
         for profile in capabilities.migrating():
-            with bench.opened(profile.target, "source") as source:
+            with rig.opened(profile.target, "source") as source:
                 stream = save_state(source)
-            with bench.opened(profile.target, "destination") as destination:
+            with rig.opened(profile.target, "destination") as destination:
                 load_state(destination, stream)
                 if destination.migration_state is not S.RUNNING:
                     fail(Rule.MIGRATION, f"{profile.target}: loaded, but not running")
 
     @checks(Rule.MIGRATION)
     def test_migration_restores_what_it_saved(
-        self, capabilities: Capabilities, bench: Bench
+        self, capabilities: MediatorCapabilities, rig: DeviceRig
     ) -> None:
         """A device loaded with another's state shows what that one showed through the
         mediator: its own regions, and on a plain device whatever the mediator shows
@@ -519,11 +523,11 @@ class TestMigration:
         pattern through the mediator."""
         for number, profile in enumerate(capabilities.migrating()):
             target = profile.target
-            with bench.opened(target, "filled") as source:
+            with rig.opened(target, "filled") as source:
                 _fill_through(source, target, seed=number + 7)
                 shows = _mediator_state(source, target)
                 stream = save_state(source)
-            with bench.opened(target, "restored") as destination:
+            with rig.opened(target, "restored") as destination:
                 load_state(destination, stream)
                 restored = _mediator_state(destination, target)
             changed = differences(shows, restored)
@@ -536,7 +540,7 @@ class TestMigration:
 
     @checks(Rule.MIGRATION)
     def test_migration_refuses_another_models_stream(
-        self, capabilities: Capabilities, bench: Bench
+        self, capabilities: MediatorCapabilities, rig: DeviceRig
     ) -> None:
         """A stream saved by a device of one target does not load into a device of another
         (another vendor or device id): ``mediator_load_state`` refuses it."""
@@ -548,13 +552,13 @@ class TestMigration:
             )
         streams = {}
         for identity, target in kinds.items():
-            with bench.opened(target, "saving") as source:
+            with rig.opened(target, "saving") as source:
                 streams[identity] = save_state(source)
         for identity, target in kinds.items():
             for other, stream in streams.items():
                 if other == identity:
                     continue
-                with bench.opened(target, "crossed") as destination:
+                with rig.opened(target, "crossed") as destination:
                     try:
                         destination.set_migration_state(S.RESUMING)
                         destination.write_migration_data(stream)
@@ -568,38 +572,42 @@ class TestMigration:
                 )
 
     @checks(Rule.MIGRATION)
-    def test_migration_state_machine(self, capabilities: Capabilities, bench: Bench) -> None:
+    def test_migration_state_machine(
+        self, capabilities: MediatorCapabilities, rig: DeviceRig
+    ) -> None:
         """Random legal and illegal transitions follow the arc table; garbage does not load;
         only reset leaves ERROR."""
         for profile in capabilities.migrating():
-            with bench.opened(profile.target, "saved") as source:
+            with rig.opened(profile.target, "saved") as source:
                 saved = save_state(source)
-            check_migration(bench, profile.target, profile.migration_flags, saved)
+            check_migration(rig, profile.target, profile.migration_flags, saved)
 
 
 class TestDirtyLogging:
     """DMA dirty page logging, for mediators that implement ``mediator_dma_logging_start``."""
 
     @checks(Rule.DIRTY_LOGGING)
-    def test_dirty_logging_lifecycle(self, capabilities: Capabilities, bench: Bench) -> None:
+    def test_dirty_logging_lifecycle(
+        self, capabilities: MediatorCapabilities, rig: DeviceRig
+    ) -> None:
         """Logging starts, reports, stops, starts again, and stops at close."""
         for profile in capabilities.logging():
-            device = bench.device(profile.target, "logging")
+            device = rig.device(profile.target, "logging")
             with device, guest_memory(device):
                 for _ in range(2):
                     device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
                     device.dma_logging_report(GUEST_IOVA, GUEST_SIZE, PAGE_SIZE)
                     device.dma_logging_stop()
                 device.dma_logging_start(PAGE_SIZE, [(GUEST_IOVA, GUEST_SIZE)])
-                since = bench.calls
-            if len(bench.recorder.of("mediator_dma_logging_stop", since)) != 1:
+                since = rig.calls
+            if len(rig.recorder.of("mediator_dma_logging_stop", since)) != 1:
                 fail(
                     Rule.DIRTY_LOGGING, f"{profile.target}: logging did not stop at the last close"
                 )
 
     @checks(Rule.DIRTY_LOGGING)
     def test_dirty_logging_reports_device_writes(
-        self, capabilities: Capabilities, bench: Bench, request: pytest.FixtureRequest
+        self, capabilities: MediatorCapabilities, rig: DeviceRig, request: pytest.FixtureRequest
     ) -> None:
         """Every page the device writes by DMA while logging is reported (checked against the
         DMA space's own record of writes): for the DMA the suite's accesses make the device do
@@ -607,7 +615,7 @@ class TestDirtyLogging:
         reports between slices of it and across a stop and a new start of logging."""
         written_any = False
         for number, profile in enumerate(capabilities.logging()):
-            with bench.opened(profile.target, "dirty") as device:
+            with rig.opened(profile.target, "dirty") as device:
                 written, reported, _ = logged_writes(device, profile.target, seed=number)
             missed = sorted(written - reported)
             if missed:
@@ -620,7 +628,7 @@ class TestDirtyLogging:
             workload = workload_for(profile.target)
             if workload is None:
                 continue
-            with bench.opened(profile.target, "traffic") as device:
+            with rig.opened(profile.target, "traffic") as device:
                 traffic = logged_traffic(device, workload, seed=number)
             request.node.user_properties.append(
                 (DIRTY_LOGGING_PROPERTY, f"{profile.target}: {traffic.summary()}")

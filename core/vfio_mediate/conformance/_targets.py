@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._devices import create_from_model, discover_device_models
+from .._device_factory import create_from_model
+from .._entry_points import PluginRecord, discover_device_models
 from .._errors import DeviceSpecError
 from .._pci import EmulatedPciDevice
-from .._registry import PluginRecord
 from .._spec import DeviceSpec
 
 __all__ = ["Target", "TargetError", "decoys_for", "targets_from"]

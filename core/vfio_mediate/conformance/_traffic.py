@@ -26,11 +26,12 @@ from typing import final
 
 from .._device import MediatedDevice
 from .._dirty import bitmap_pages
+from .._entry_points import find_workload
 from .._errors import RegistryError
-from .._migrate import Workload, find_workload
+from .._live_migration import Workload
 from ..uapi import PAGE_SIZE
+from ._exercises import GUEST_IOVA, guest_memory, guest_pages
 from ._targets import Target
-from ._workload import GUEST_IOVA, guest_memory, guest_pages
 
 __all__ = ["TrafficLog", "logged_traffic", "workload_for"]
 

@@ -12,11 +12,11 @@ session under ``SESSIONS_LOGGER_NAME``.
 from ._client import Message, VfioUserClient
 from ._codec import (
     HEADER,
-    Capabilities,
     Command,
     DmaLayout,
     HeaderFlag,
     ProtocolError,
+    VfioUserCapabilities,
     pack_error,
     pack_message,
 )
@@ -30,7 +30,6 @@ __all__ = [
     "LOGGER_NAME",
     "SESSIONS_LOGGER_NAME",
     "BackgroundServer",
-    "Capabilities",
     "Command",
     "DeviceEndpoint",
     "DmaLayout",
@@ -40,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "ServerConfig",
     "Session",
+    "VfioUserCapabilities",
     "VfioUserClient",
     "VfioUserServer",
     "check_socket_directory",

@@ -51,12 +51,12 @@ from ._codec import (
     WRITE_MULTI_COUNT,
     WRITE_MULTI_ENTRY,
     WRITE_MULTI_MAX_DATA,
-    Capabilities,
     Command,
     DmaFlag,
     DmaLayout,
     HeaderFlag,
     ProtocolError,
+    VfioUserCapabilities,
     decode_capabilities,
     decode_dma_request,
     decode_region_info,
@@ -133,7 +133,7 @@ class VfioUserClient:
         self.sock = sock
         self.dma_layout = dma_layout
         self.max_data_xfer_size = max_data_xfer_size
-        self.server_capabilities = Capabilities()
+        self.server_capabilities = VfioUserCapabilities()
         self.dma_requests_served = 0
         self._timeout = timeout
         self._next_id = 0
@@ -144,6 +144,8 @@ class VfioUserClient:
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
         self._local_starts: list[int] = []
+        self._dma_logging = False
+        self.name = "vfio-user device"  # connect() names it after the socket path
         # A blocking socket with kernel timeouts: one recvmsg per reply, no poll before it.
         sock.settimeout(None)
         self._set_timeouts(timeout)
@@ -169,6 +171,7 @@ class VfioUserClient:
         client = cls(
             sock, timeout=timeout, dma_layout=dma_layout, max_data_xfer_size=max_data_xfer_size
         )
+        client.name = os.fspath(path)
         if negotiate:
             try:
                 client.negotiate()
@@ -394,7 +397,7 @@ class VfioUserClient:
 
     def negotiate(
         self, capabilities: Mapping[str, Any] | None = None, *, major: int = 0, minor: int = 0
-    ) -> Capabilities:
+    ) -> VfioUserCapabilities:
         """VERSION: announce ``capabilities`` (default: ``default_capabilities()``) and keep
         the server's answer in ``server_capabilities``."""
         caps = self.default_capabilities() if capabilities is None else dict(capabilities)
@@ -654,25 +657,38 @@ class VfioUserClient:
             raise
         return True
 
+    # Migration and dirty logging have the shape of ``MediatedDevice``'s (the
+    # ``vfio_mediate.MigratableDevice`` protocol), so one driver moves either kind of device.
+
+    @property
     def migration_flags(self) -> int:
-        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags."""
-        data = self.feature(DeviceFeature.MIGRATION | FeatureFlag.GET)
+        """VFIO_DEVICE_FEATURE_MIGRATION: the device's migration flags, 0 for a device without
+        the feature (``ENOTTY``, as QEMU reads it); asked each time."""
+        try:
+            data = self.feature(DeviceFeature.MIGRATION | FeatureFlag.GET)
+        except AccessError as exc:
+            if exc.errno == errno.ENOTTY:
+                return 0
+            raise
         return int(FEATURE_MIGRATION.unpack_from(data)[0])
 
+    @property
     def migration_state(self) -> MigrationState:
-        """The device's migration state."""
+        """The device's migration state (asked each time)."""
         data = self.feature(DeviceFeature.MIG_DEVICE_STATE | FeatureFlag.GET)
         return MigrationState(FEATURE_MIG_STATE.unpack_from(data)[0])
 
-    def set_migration_state(self, state: int) -> None:
-        """Move the device to ``state`` (through the arcs the server chooses)."""
+    def set_migration_state(self, target: int) -> MigrationState:
+        """Move the device to ``target`` (through the arcs the server chooses); returns it."""
         self.feature(
             DeviceFeature.MIG_DEVICE_STATE | FeatureFlag.SET,
-            FEATURE_MIG_STATE.pack(state, 0xFFFF_FFFF),
+            FEATURE_MIG_STATE.pack(target, 0xFFFF_FFFF),
         )
+        return MigrationState(target)
 
-    def migration_data_size(self) -> int:
-        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: saved bytes still to read."""
+    @property
+    def migration_pending(self) -> int:
+        """VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: saved bytes still to read (asked each time)."""
         data = self.feature(DeviceFeature.MIG_DATA_SIZE | FeatureFlag.GET)
         return int(FEATURE_MIG_DATA_SIZE.unpack_from(data)[0])
 
@@ -695,11 +711,12 @@ class VfioUserClient:
             if len(part) < chunk:
                 return b"".join(parts)
 
-    def write_migration_data(self, data: bytes, chunk: int = 64 << 10) -> None:
-        """MIG_DATA_WRITE of ``data`` in ``chunk``s."""
+    def write_migration_data(self, data: bytes, chunk: int = 64 << 10) -> int:
+        """MIG_DATA_WRITE of ``data`` in ``chunk``s; returns the bytes written (all)."""
         for start in range(0, len(data), chunk):
             piece = data[start : start + chunk]
             self._call(Command.MIG_DATA_WRITE, MIG_DATA.pack(MIG_DATA.size, len(piece)) + piece)
+        return len(data)
 
     def dma_logging_start(self, page_size: int, ranges: Sequence[tuple[int, int]]) -> int:
         """Start dirty logging of ``ranges`` (all mapped memory when empty); returns the page
@@ -708,6 +725,7 @@ class VfioUserClient:
             DMA_LOGGING_RANGE.pack(iova, length) for iova, length in ranges
         )
         reply = self.feature(DeviceFeature.DMA_LOGGING_START | FeatureFlag.SET, data)
+        self._dma_logging = True
         return int(DMA_LOGGING_CONTROL.unpack_from(reply)[0])
 
     def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
@@ -721,3 +739,9 @@ class VfioUserClient:
     def dma_logging_stop(self) -> None:
         """Stop dirty logging."""
         self.feature(DeviceFeature.DMA_LOGGING_STOP | FeatureFlag.SET)
+        self._dma_logging = False
+
+    @property
+    def dma_logging(self) -> bool:
+        """Whether dirty logging runs, as this client started and stopped it."""
+        return self._dma_logging

@@ -51,12 +51,12 @@ __all__ = [
     "WRITE_MULTI_COUNT",
     "WRITE_MULTI_ENTRY",
     "WRITE_MULTI_MAX_DATA",
-    "Capabilities",
     "Command",
     "DmaFlag",
     "DmaLayout",
     "HeaderFlag",
     "ProtocolError",
+    "VfioUserCapabilities",
     "decode_capabilities",
     "decode_dma_read_reply",
     "decode_dma_request",
@@ -234,7 +234,7 @@ def pack_error(msg_id: int, command: int, code: int) -> bytes:
 # -- VERSION capabilities -------------------------------------------------------------------
 
 
-class Capabilities(NamedTuple):
+class VfioUserCapabilities(NamedTuple):
     """The capabilities one side of a connection announced (defaults where it said nothing)."""
 
     max_msg_fds: int = 1
@@ -254,11 +254,11 @@ def _number(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-def decode_capabilities(text: bytes | memoryview) -> Capabilities:
+def decode_capabilities(text: bytes | memoryview) -> VfioUserCapabilities:
     """Parse the NUL-terminated JSON of a VERSION message; ``ProtocolError`` when malformed."""
     raw = bytes(text)
     if not raw:
-        return Capabilities()
+        return VfioUserCapabilities()
     if raw[-1] != 0:
         raise ProtocolError("version JSON is not NUL-terminated")
     try:
@@ -296,7 +296,7 @@ def decode_capabilities(text: bytes | memoryview) -> Capabilities:
             fields["migration_max_bitmap_size"] = _number(
                 migration["max_bitmap_size"], "migration.max_bitmap_size", 0, limit
             )
-    return Capabilities(**fields)
+    return VfioUserCapabilities(**fields)
 
 
 def encode_capabilities(entries: Iterable[tuple[str, Any]], limit: int | None = None) -> bytes:

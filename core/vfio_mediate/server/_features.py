@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import final
 
 from .._errors import AccessError, ContractViolation
+from .._pages import page_count
 from ..uapi import FEATURE_MASK, PAGE_SIZE, DeviceFeature, FeatureFlag, MigrationState
 from ._codec import (
     DMA_LOGGING_CONTROL,
@@ -195,7 +196,7 @@ class DeviceFeatures(CommandGroup):
         # The page size is a hint: the device takes the nearest it supports and says so.
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
             page_size = PAGE_SIZE
-        pages = sum(-(-length // page_size) for _, length in ranges)
+        pages = sum(page_count(length, page_size) for _, length in ranges)
         if pages // 8 > _MAX_LOG_BITMAP:
             raise AccessError(errno.E2BIG, f"logging {pages} pages")
         self.device.dma_logging_start(page_size, ranges)
@@ -212,7 +213,7 @@ class DeviceFeatures(CommandGroup):
         iova, length, page_size = DMA_LOGGING_REPORT.unpack_from(data)
         if page_size < PAGE_SIZE or page_size & (page_size - 1) or not length:
             raise AccessError(errno.EINVAL, f"report page size {page_size}, length {length}")
-        pages = -(-length // page_size)
+        pages = page_count(length, page_size)
         words = -(-pages // 64)  # u64 words, one bit per page
         if words * 8 > self.config.max_data_xfer_size:
             raise AccessError(errno.E2BIG, f"a dirty bitmap of {words * 8} bytes")

@@ -11,9 +11,9 @@ from .._errors import AccessError
 from ..uapi import PAGE_SIZE
 from ._codec import (
     VERSION,
-    Capabilities,
     Command,
     ProtocolError,
+    VfioUserCapabilities,
     decode_capabilities,
     encode_capabilities,
 )
@@ -87,7 +87,7 @@ class Negotiation(CommandGroup):
         if logger.isEnabledFor(_DEBUG):
             logger.debug("%s: negotiated %s, DMA messages in %s layout", self.label, caps, layout)
 
-    def _migration_capability(self, caps: Capabilities) -> dict[str, int] | None:
+    def _migration_capability(self, caps: VfioUserCapabilities) -> dict[str, int] | None:
         """The old "migration" capability: the dirty page size and the largest report bitmap,
         offered back only for a device that can log dirty pages (``dma_logging_source``: its
         mediator or its IOMMU), as its DMA_LOGGING features are."""

@@ -90,9 +90,11 @@ class Device(Protocol):
 @final
 class LinkPartner:
     """The far end of the VF's link: a port of ``switch`` that sends every unicast frame
-    addressed to it back to its sender (destination and source swapped)."""
+    addressed to it back to its sender (destination and source swapped). With
+    ``any_address`` it answers for every unicast MAC no other port has (promiscuous), so a
+    guest in another process reaches it whatever partner MAC it knows."""
 
-    def __init__(self, switch: Switch = SWITCH) -> None:
+    def __init__(self, switch: Switch = SWITCH, *, any_address: bool = False) -> None:
         ref = weakref.ref(self)
 
         def deliver(frame: bytes) -> None:
@@ -102,11 +104,14 @@ class LinkPartner:
 
         self.port = attach_port(switch, self, deliver)
         self.mac = self.port.mac
+        self.any_address = any_address
         self.reflected = 0
+        if any_address:
+            self.port.set_filters((), (), promiscuous=True, all_multicast=False)
 
     def reflect(self, frame: bytes) -> None:
-        """Send ``frame`` back if it is for this port."""
-        if frame[:6] != self.mac:
+        """Send ``frame`` back if it is for this port (any unicast one, with ``any_address``)."""
+        if frame[0] & 1 if self.any_address else frame[:6] != self.mac:
             return
         self.reflected += 1
         self.port.transmit(frame[6:12] + frame[:6] + frame[12:])
@@ -809,3 +814,12 @@ def workload(device: Device, memory: memoryview, iova: int, *, seed: int = 0) ->
     queue pairs busy with traffic through the switch and back, asks for statistics every slice
     and also writes some application memory."""
     return Guest(device, memory, iova, seed=seed, cpu_pages_per_slice=4)
+
+
+def far_end() -> LinkPartner:
+    """The guest's link partner where the VF is served by another process (``workload``'s
+    ``far_end``): it answers for any unicast MAC, so for the partner MAC the guest knows."""
+    return LinkPartner(any_address=True)
+
+
+workload.far_end = far_end  # type: ignore[attr-defined]

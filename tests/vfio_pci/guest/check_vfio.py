@@ -31,12 +31,12 @@ import pytest
 from vfio_mediate import (
     MediatedDevice,
     MediatorRegistry,
-    VfioContainer,
     VfioDeviceError,
     VfioPciDevice,
     anonymous_memory,
     create_device,
 )
+from vfio_mediate._vfio import VfioContainer
 from vfio_mediate.cli import main
 from vfio_mediate.server import BackgroundServer
 from vfio_mediate.server._client import VfioUserClient

@@ -1,4 +1,4 @@
-"""Device models: discovery through ``vfio_mediate.devices`` and building a device from a SPEC."""
+"""Building a device from a SPEC: a device model name, a TOML file or a ``DeviceSpec``."""
 
 from __future__ import annotations
 
@@ -6,28 +6,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ._entry_points import PluginRecord, discover_device_models
 from ._errors import DeviceSpecError
 from ._pci import EmulatedPciDevice
-from ._registry import DEVICE_GROUP, PluginRecord, entry_points, load_entry_point
 from ._spec import DeviceSpec, load_spec
 from ._vfio import VfioPciDevice, is_pci_address
 
-__all__ = ["create_device", "create_from_model", "discover_device_models"]
+__all__ = ["create_device", "create_from_model"]
 
 logger = logging.getLogger(__name__)
-
-
-def discover_device_models() -> list[PluginRecord]:
-    """Every device model entry point the environment allows; ``plugin`` is its factory."""
-    records = []
-    for ep in entry_points(DEVICE_GROUP):
-        record, factory = load_entry_point(ep, DEVICE_GROUP)
-        if factory is not None and not callable(factory):
-            record.error = f"{ep.value!r} is not a callable factory"
-        else:
-            record.plugin = factory
-        records.append(record)
-    return records
 
 
 def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> Any:

@@ -28,27 +28,78 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, final
 
-from ._device import MediatedDevice, MigrationStream
+from ._device_migration import MigrationStream
 from ._dirty import bitmap_pages
-from ._errors import MigrationError, PluginLoadError, RegistryError
-from ._registry import entry_points, load_entry_point
-from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex
+from ._errors import MigrationError
+from ._pages import pages_of, runs
+from .uapi import PAGE_SIZE, MigrationFlag, MigrationState, RegionIndex, RegionInfo
 
 __all__ = [
-    "WORKLOAD_GROUP",
     "CopyRound",
     "GuestWorkload",
     "LiveMigration",
+    "MigratableDevice",
     "MigrationProgress",
     "MigrationReport",
     "Workload",
-    "find_workload",
 ]
 
-WORKLOAD_GROUP = "vfio_mediate.workloads"
-"""Entry points of guest workloads, named after the device model they drive."""
+_CHUNK = 64 << 10
+"""Migration data is moved in pieces this big (well under a vfio-user message's limit)."""
 
-_CHUNK = 1 << 20
+
+class MigratableDevice(Protocol):
+    """What ``LiveMigration`` drives, in-process or over a socket: the region access, migration
+    v2 and DMA dirty logging of ``MediatedDevice``, which ``server.VfioUserClient`` speaks too.
+
+    Errors are ``AccessError`` (``MigrationError`` for state changes) carrying the errno.
+    """
+
+    name: str
+
+    def read(self, index: int, offset: int, count: int) -> bytes:
+        """Read ``count`` bytes of region ``index`` at ``offset``."""
+
+    def write(self, index: int, offset: int, data: bytes) -> int:
+        """Write ``data`` to region ``index`` at ``offset``; returns the bytes written."""
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Region ``index``'s info."""
+
+    @property
+    def migration_flags(self) -> int:
+        """The migration v2 flags (``MigrationFlag`` bits; 0: no migration)."""
+
+    @property
+    def migration_state(self) -> MigrationState:
+        """The current migration v2 state."""
+
+    def set_migration_state(self, target: int) -> MigrationState:
+        """Go to ``target`` through Linux's arcs; returns the state reached (``target``)."""
+
+    def read_migration_data(self, size: int) -> bytes:
+        """Up to ``size`` saved bytes; ``b""`` at the end of what is saved so far."""
+
+    def write_migration_data(self, data: bytes) -> int:
+        """Add ``data`` to the state to load (in RESUMING); returns the bytes taken."""
+
+    @property
+    def migration_pending(self) -> int:
+        """Saved bytes not yet read."""
+
+    def dma_logging_start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
+        """Start logging the device's DMA writes of ``ranges`` ``(iova, length)``; returns
+        the page size the device logs at."""
+
+    def dma_logging_report(self, iova: int, length: int, page_size: int) -> bytes:
+        """Read and clear the dirty bitmap of ``[iova, iova + length)`` (a bit per page)."""
+
+    def dma_logging_stop(self) -> None:
+        """Stop logging."""
+
+    @property
+    def dma_logging(self) -> bool:
+        """Whether dirty logging runs."""
 
 
 class GuestWorkload(Protocol):
@@ -62,11 +113,17 @@ class GuestWorkload(Protocol):
 
 
 class Workload(GuestWorkload, Protocol):
-    """What a ``WORKLOAD_GROUP`` entry point's factory returns.
+    """What a ``vfio_mediate.workloads`` entry point's factory returns.
 
     The factory is called as ``factory(device, memory, iova, *, seed=0)``: ``device`` offers
     ``read``/``write``/``set_irq_triggers`` (a ``MediatedDevice``), ``memory`` is the guest memory
-    (at least 4 MiB) mapped at ``iova`` in the device's DMA space.
+    (at least 4 MiB) mapped at ``iova`` in the device's DMA space, or a ``VfioUserClient``
+    of a device served by another process (no ``set_irq_triggers`` then).
+
+    The factory may carry ``far_end``: a callable that ``migrate-demo --transport vfio-user``
+    calls in each serve process before the device is built, and whose result it keeps there,
+    for what the guest's traffic reaches beyond the device (a NIC's link partner on the
+    process's switch).
     """
 
     def start(self) -> None:
@@ -77,17 +134,6 @@ class Workload(GuestWorkload, Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters, at least ``received`` (packets checked good) and ``corrupt``."""
-
-
-def find_workload(model: str) -> Callable[..., Workload]:
-    """The workload factory registered for device model ``model`` in ``WORKLOAD_GROUP``."""
-    for ep in entry_points(WORKLOAD_GROUP):
-        if ep.name == model:
-            record, factory = load_entry_point(ep, WORKLOAD_GROUP)
-            if factory is None or not callable(factory):
-                raise PluginLoadError(record.describe(), record.error or "not a callable factory")
-            return factory  # type: ignore[no-any-return]
-    raise RegistryError(f"no guest workload for device model {model!r} ({WORKLOAD_GROUP})")
 
 
 @dataclass(frozen=True)
@@ -139,6 +185,9 @@ class MigrationReport:
 class LiveMigration:
     """Migrate ``source`` and its guest memory to ``destination`` under a running guest.
 
+    Each device is a ``MediatedDevice`` in this process or a ``VfioUserClient`` of a device
+    served by another (then each memory is a mapping of the memfd the client DMA-mapped).
+
     ``source_memory`` and ``destination_memory`` are the guest memory of each side, mapped at
     ``iova`` in the respective device's DMA space (the caller maps them). Both devices are open
     and RUNNING; afterwards the destination runs and the source is stopped.
@@ -146,8 +195,8 @@ class LiveMigration:
 
     def __init__(
         self,
-        source: MediatedDevice,
-        destination: MediatedDevice,
+        source: MigratableDevice,
+        destination: MigratableDevice,
         source_memory: memoryview,
         destination_memory: memoryview,
         iova: int,
@@ -252,9 +301,8 @@ class LiveMigration:
         if self.guest is None:
             return pages
         for iova, length in self.guest.take_cpu_dirty():
-            first = max(0, (iova - self.iova) // self.page_size)
-            last = min(self.pages - 1, (iova + length - 1 - self.iova) // self.page_size)
-            pages.update(range(first, last + 1))
+            touched = pages_of(iova - self.iova, length, self.page_size)
+            pages.update(range(max(0, touched.start), min(self.pages, touched.stop)))
         return pages
 
     def _copy(
@@ -272,7 +320,7 @@ class LiveMigration:
         source, target, size = self.source_memory, self.destination_memory, self.page_size
         step = self.pages_per_slice
         for at in range(0, len(pages), step):
-            for first, last in _runs(pages[at : at + step]):
+            for first, last in runs(pages[at : at + step]):
                 target[first * size : (last + 1) * size] = source[first * size : (last + 1) * size]
             self._notify(phase, number, min(at + step, len(pages)), len(pages))
             if guest and self.guest is not None:
@@ -299,16 +347,3 @@ class LiveMigration:
             saved.data += chunk
         self.destination.set_migration_state(MigrationState.STOP)
         return saved.last_chunk() == self._sent.last_chunk()
-
-
-def _runs(pages: list[int]) -> Iterable[tuple[int, int]]:
-    """Consecutive runs ``(first, last)`` of sorted page numbers."""
-    if not pages:
-        return
-    first = last = pages[0]
-    for page in pages[1:]:
-        if page != last + 1:
-            yield first, last
-            first = page
-        last = page
-    yield first, last

@@ -22,6 +22,7 @@ from .._device import MediatedDevice
 from .._dirty import bitmap_pages
 from .._dma import anonymous_memory
 from .._errors import MigrationError
+from .._pages import page_count, pages_of
 from .._rules import Rule
 from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag, RegionInfo
 from ._targets import Target
@@ -97,10 +98,10 @@ bytes (at offset 3 of each stretch)."""
 def trapped_pages(info: RegionInfo) -> list[int]:
     """The pages of a region that no mmap-able area covers: every access to them reaches the
     mediator (a region smaller than a page is one trapped page)."""
-    pages = -(-info.size // PAGE_SIZE)
+    pages = page_count(info.size)
     mapped: set[int] = set()
     for area in info.mmap_areas():
-        mapped.update(range(area.offset // PAGE_SIZE, area.end // PAGE_SIZE))
+        mapped.update(pages_of(area.offset, area.size))
     return [page for page in range(pages) if page not in mapped]
 
 
@@ -340,7 +341,7 @@ def guest_pages(iova: int, length: int, size: int = GUEST_SIZE) -> range:
     """The pages of guest memory (``size`` bytes at ``GUEST_IOVA``, counted from it) that a DMA
     write of ``[iova, iova + length)`` touches."""
     first, end = max(iova, GUEST_IOVA), min(iova + length, GUEST_IOVA + size)
-    return range((first - GUEST_IOVA) // PAGE_SIZE, -(-(end - GUEST_IOVA) // PAGE_SIZE))
+    return pages_of(first - GUEST_IOVA, end - first)
 
 
 def logged_writes(

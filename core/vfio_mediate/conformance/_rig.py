@@ -12,7 +12,7 @@ from .._pci import EmulatedPciDevice
 from ._mediator import HookRecorder, MediatorUnderTest
 from ._targets import Target
 
-__all__ = ["Bench"]
+__all__ = ["DeviceRig"]
 
 # Every device of a run gets a name no other had, so that a mediator keyed on names (a bug the
 # suite looks for) cannot confuse one test's devices with another's.
@@ -20,7 +20,7 @@ _serial = itertools.count()
 
 
 @final
-class Bench:
+class DeviceRig:
     """Builds devices for one test, each an ``EmulatedPciDevice`` behind a ``MediatedDevice``
     whose registry holds the mediator under test alone; ``recorder`` sees every hook call.
     ``close`` closes every device (releasing the mediator) and frees every backend."""
