@@ -1,7 +1,8 @@
 """vfio-mediate: mediate VFIO device access through vendor plugins, serve it over vfio-user.
 
 ``MediatedDevice`` puts the first mediator that claims a device (``MediatorRegistry``) in front
-of its backend (``EmulatedPciDevice``, built by ``create_device``); ``LiveMigration`` moves a
+of its backend (``EmulatedPciDevice``, or ``VfioPciDevice`` for a PCI address; built by
+``create_device``); ``LiveMigration`` moves a
 device and its guest memory to another, in this process or served (``vfio_mediate.server``).
 ``vfio_mediate.hookspecs`` is the contract mediators implement, ``vfio_mediate.uapi`` the Linux
 VFIO numbers and types they share, and the errors below are every error the core raises.
@@ -28,12 +29,18 @@ from ._errors import (
     RegistryError,
     VfioMediateError,
 )
-from ._live_migration import LiveMigration, MigratableDevice, MigrationReport, Workload
-from ._pci import EmulatedPciDevice
+from ._live_migration import (
+    LiveMigration,
+    MigratableDevice,
+    MigrationProgress,
+    MigrationReport,
+    Workload,
+)
+from ._pci import EmulatedPciDevice, PciConfig
 from ._registry import MediatorRegistry
 from ._rules import Rule
 from ._spec import DeviceSpec
-from ._vfio import VfioDeviceError, VfioPciDevice
+from ._vfio import VfioContainer, VfioDeviceError, VfioPciDevice
 
 __all__ = [
     "AccessError",
@@ -53,13 +60,16 @@ __all__ = [
     "MediatorRegistry",
     "MigratableDevice",
     "MigrationError",
+    "MigrationProgress",
     "MigrationReport",
+    "PciConfig",
     "PluginError",
     "PluginLoadError",
     "PluginRecord",
     "ProtocolError",
     "RegistryError",
     "Rule",
+    "VfioContainer",
     "VfioDeviceError",
     "VfioMediateError",
     "VfioPciDevice",

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ._backend import DeviceBackend
 from ._entry_points import PluginRecord, discover_device_models
 from ._errors import DeviceSpecError
 from ._pci import EmulatedPciDevice
@@ -17,7 +18,7 @@ __all__ = ["create_device", "create_from_model"]
 logger = logging.getLogger(__name__)
 
 
-def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> Any:
+def create_device(spec: str | Path | DeviceSpec, *, name: str | None = None) -> DeviceBackend:
     """Build a device backend from a model name, a TOML spec path or a ``DeviceSpec`` (an
     ``EmulatedPciDevice``), or open the device at a PCI address in sysfs form such as
     ``0000:01:10.0`` through ``/dev/vfio`` (a ``VfioPciDevice``; it must be bound to vfio-pci).

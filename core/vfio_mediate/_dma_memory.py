@@ -28,8 +28,10 @@ __all__ = [
     "FileMemory",
     "OpenFiles",
     "fd_access_problem",
+    "map_address",
     "map_shared",
     "sealed_against_shrinking",
+    "unmap_address",
 ]
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -55,16 +57,28 @@ MAX_OPEN_FILES = 64
 backend): more would let one client run the process out of fds."""
 
 
-def map_shared(fd: int, size: int, offset: int, *, writable: bool) -> memoryview:
-    """A shared mapping of ``size`` bytes of ``fd`` from ``offset`` as a byte view (read-only
-    unless ``writable``). Unlike ``mmap.mmap``, which keeps a duplicate of the fd for as long as
-    the mapping lives, this holds no fd: the caller may close ``fd`` at once. The memory is
-    unmapped when the last view of it is released."""
+def map_address(fd: int, size: int, offset: int, *, writable: bool) -> int:
+    """Map ``size`` bytes of ``fd`` from ``offset`` shared, at an address of the kernel's
+    choosing, and return it (the caller unmaps it with ``unmap_address``); holds no fd."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     address = _mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
     if address is None or address == _MAP_FAILED:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+    return int(address)
+
+
+def unmap_address(address: int, size: int) -> None:
+    """Unmap what ``map_address`` mapped."""
+    _munmap(address, size)
+
+
+def map_shared(fd: int, size: int, offset: int, *, writable: bool) -> memoryview:
+    """A shared mapping of ``size`` bytes of ``fd`` from ``offset`` as a byte view (read-only
+    unless ``writable``). Unlike ``mmap.mmap``, which keeps a duplicate of the fd for as long as
+    the mapping lives, this holds no fd: the caller may close ``fd`` at once. The memory is
+    unmapped when the last view of it is released."""
+    address = map_address(fd, size, offset, writable=writable)
     try:
         buffer = (ctypes.c_ubyte * size).from_address(address)
     except BaseException:

@@ -24,7 +24,6 @@ __all__ = [
     "DEVICE_GROUP",
     "ENV_DISABLE",
     "ENV_ONLY",
-    "GROUPS",
     "MEDIATOR_GROUP",
     "WORKLOAD_GROUP",
     "EntryPointFilter",
@@ -46,7 +45,6 @@ DEVICE_GROUP = "vfio_mediate.devices"
 """Device models: a factory returning ``(spec, model)`` (see ``create_from_model``)."""
 WORKLOAD_GROUP = "vfio_mediate.workloads"
 """Guest workloads: a factory named after the device model it drives (see ``Workload``)."""
-GROUPS = (MEDIATOR_GROUP, DEVICE_GROUP, WORKLOAD_GROUP)
 ENV_DISABLE = "VFIO_MEDIATE_DISABLE"
 """Comma-separated entry-point names that are not imported at all."""
 ENV_ONLY = "VFIO_MEDIATE_ONLY"

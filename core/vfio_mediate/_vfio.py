@@ -14,7 +14,6 @@ import ctypes.util
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import re
 import select
@@ -26,6 +25,7 @@ from typing import Any, final
 
 from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaMapping, DmaSpace, RemoteMemory
+from ._dma_memory import map_address, unmap_address
 from ._errors import AccessError, DeviceSpecError
 from .uapi import (
     PAGE_SIZE,
@@ -45,7 +45,6 @@ __all__ = [
     "VfioDeviceError",
     "VfioPciDevice",
     "is_pci_address",
-    "open_vfio_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,17 +94,10 @@ _IOMMU_CAP_MIGRATION_BODY = struct.Struct("=I4xQQ")  # flags pgsize_bitmap max_d
 _DIRTY = struct.Struct("=II")
 _DIRTY_GET = struct.Struct("=QQQQQ")  # iova size pgsize bitmap.size bitmap.data
 _CAP_SPARSE_MMAP, _CAP_TYPE, _CAP_MSIX_MAPPABLE = 1, 2, 3
-_CONFIG_OFFSET = RegionIndex.CONFIG << 40
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
-]  # fmt: skip
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p]
 _libc.ioctl.restype = ctypes.c_int
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class VfioDeviceError(DeviceSpecError, OSError):
@@ -282,11 +274,13 @@ class VfioContainer:
         with self._lock:
             mapping = self.dma.map_fd(iova, size, fd, offset, readable=True, writable=writable)
             try:
-                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-                addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED, fd, offset)
-                if addr in (None, _MAP_FAILED):
-                    code = ctypes.get_errno()
-                    raise AccessError(code, f"mmap of the DMA fd: {os.strerror(code)}")
+                # The IOMMU needs an address of ours for the memory: a mapping of its own, which
+                # this process never touches (the server's view may read through the fd).
+                try:
+                    addr = map_address(fd, size, offset, writable=writable)
+                except OSError as exc:
+                    code = exc.errno or errno.EIO
+                    raise AccessError(code, f"mmap of the DMA fd: {exc.strerror}") from None
                 try:
                     flags = (DMA_MAP_FLAG_READ if readable or not writable else 0) | (
                         DMA_MAP_FLAG_WRITE if writable else 0
@@ -298,7 +292,7 @@ class VfioContainer:
                         f"VFIO_IOMMU_MAP_DMA {iova:#x}+{size:#x}",
                     )
                 except BaseException:
-                    _libc.munmap(addr, size)
+                    unmap_address(addr, size)
                     raise
             except BaseException:
                 self.dma.unmap(iova, size)
@@ -321,7 +315,7 @@ class VfioContainer:
                 )
             finally:
                 addr, length = self._vaddrs.pop(key)
-                _libc.munmap(addr, length)
+                unmap_address(addr, length)
                 self.dma.unmap(iova, size)
 
     def unmap_all(self) -> None:
@@ -816,10 +810,3 @@ def _check_sysfs(address: str, device_dir: Path) -> int:
                f"echo {address} > /sys/bus/pci/drivers_probe"),
         )  # fmt: skip
     return int(os.path.basename(os.readlink(group_link)))
-
-
-def open_vfio_device(
-    address: str, *, name: str | None = None, container: VfioContainer | None = None
-) -> VfioPciDevice:
-    """Open the device at PCI ``address`` through ``/dev/vfio`` (``container``: share one)."""
-    return VfioPciDevice(address, name=name, container=container)

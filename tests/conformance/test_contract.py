@@ -15,13 +15,13 @@ from vfio_mediate import (
     DeviceSpec,
     EmulatedPciDevice,
     MediatedDevice,
+    MediatorRegistry,
     Rule,
     hookspecs,
 )
 from vfio_mediate._dma_view import DmaView
 from vfio_mediate._hook_types import Device, DirtyPageLog, DmaAccess
 from vfio_mediate._model import Bus, DeviceModel
-from vfio_mediate._registry import MediatorRegistry
 from vfio_mediate._rules import HOOK_RULES
 from vfio_mediate.uapi import MigrationState
 

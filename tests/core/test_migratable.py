@@ -10,8 +10,13 @@ from typing import Any
 
 import pytest
 
-from vfio_mediate import MediatedDevice, MediatorRegistry, MigratableDevice, create_device
-from vfio_mediate._dma import anonymous_memory
+from vfio_mediate import (
+    MediatedDevice,
+    MediatorRegistry,
+    MigratableDevice,
+    anonymous_memory,
+    create_device,
+)
 from vfio_mediate.server import BackgroundServer, VfioUserClient
 from vfio_mediate.uapi import PAGE_SIZE, MigrationState
 

@@ -17,10 +17,9 @@ from i40e_mediator import virtchnl as vc
 from i40e_mediator.model import I40eVf
 from i40e_support import GUEST_IOVA, Vf, WriteRecorder
 
-from vfio_mediate import MigrationError
+from vfio_mediate import LiveMigration, MigrationError, MigrationProgress
 from vfio_mediate._device_migration import MigrationStream
 from vfio_mediate._entry_points import find_workload
-from vfio_mediate._live_migration import LiveMigration, MigrationProgress
 from vfio_mediate.cli import main
 from vfio_mediate.cli.cmd_migrate_demo import Progress
 from vfio_mediate.uapi import MigrationFlag, MigrationState

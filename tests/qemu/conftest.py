@@ -7,7 +7,6 @@ QEMU comes from ``scripts/provision_qemu.py`` (a Debian trixie root, cached). In
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,23 +18,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from distributions import load_provisioner
 
 from vfio_mediate import MediatedDevice, MediatorRegistry, create_device
 from vfio_mediate.server import BackgroundServer, DeviceEndpoint
 
 from .qmp import Qmp
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "provision_qemu.py"
 GUEST_RAM = "128M"
-
-
-def load_provisioner() -> ModuleType:
-    """The provisioning script, loaded as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("provision_qemu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

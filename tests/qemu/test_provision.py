@@ -13,8 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-from .conftest import SCRIPT
+from distributions import PROVISION_SCRIPT as SCRIPT
 
 
 def run_script(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ not the test session."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,12 +15,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from distributions import PROVISION_SCRIPT, load_provisioner
 
 TESTS = Path(__file__).parents[1]
-PROVISIONER = TESTS.parent / "scripts" / "provision_qemu.py"
+
 
 SCENARIO = """
 import errno, json, os, struct, sys
@@ -201,18 +200,10 @@ print(json.dumps(seen))
 """
 
 
-def _provisioner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("provision_qemu", PROVISIONER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def qemu_provisioned() -> None:
     """QEMU provisioned (cached), as the QEMU tests need it; skipped or failed as they are."""
-    provisioner = _provisioner()
+    provisioner = load_provisioner()
     try:
         provisioner.provision()
     except provisioner.ProvisionError as exc:
@@ -227,7 +218,7 @@ def test_qemu_guest_ram_that_can_shrink_is_served(kind: str, qemu_provisioned: N
     are accepted and reached through the fd, the device's DMA shows in the guest's memory, and
     a truncated RAM file makes the DMA fail while the server and its other device live on."""
     child = subprocess.run(
-        [sys.executable, "-c", QEMU_SCENARIO, str(TESTS), str(PROVISIONER), kind],
+        [sys.executable, "-c", QEMU_SCENARIO, str(TESTS), str(PROVISION_SCRIPT), kind],
         capture_output=True,
         text=True,
         timeout=180,

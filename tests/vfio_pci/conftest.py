@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from distributions import load_provisioner
 
-from .nested import GuestRun, boot_and_check, load_provisioner
+from .nested import GuestRun, boot_and_check
 
 collect_ignore = ["guest"]  # the in-guest checks run inside the guest, not on the host
 

@@ -16,7 +16,6 @@ group is not viable.
 
 from __future__ import annotations
 
-import importlib.util
 import lzma
 import os
 import shutil
@@ -31,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-SCRIPT = CHECKOUT / "scripts" / "provision_qemu.py"
 GUEST_DIR = CHECKOUT / "tests" / "vfio_pci" / "guest"
 CHECKOUT_IN_ROOT = "/mnt/checkout"
 KVER = "6.12.117+deb13-amd64"
@@ -96,15 +94,6 @@ class GuestRun:
         )
 
 
-def load_provisioner() -> ModuleType:
-    """scripts/provision_qemu.py, loaded as a module."""
-    spec = importlib.util.spec_from_file_location("provision_qemu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _modules(prov: Any) -> dict[str, bytes]:
     base = prov.host_path(f"/lib/modules/{KVER}")
     files = {}
@@ -140,7 +129,7 @@ def install_project(target: Path) -> None:
 
 
 def qemu_argv(prov: Any, initrd: str, xchg_in_root: str) -> list[str]:
-    """The QEMU command line (paths inside the root) of nested-vfio.md."""
+    """The nested guest's QEMU command line (paths inside the root)."""
     return [
         prov.qemu, "-accel", "tcg,thread=multi", "-machine", "q35", "-cpu", "max",
         "-smp", "2", "-m", "2048", "-display", "none", "-nodefaults", "-no-reboot",

@@ -29,7 +29,7 @@ from .._device import MediatedDevice
 from .._device_factory import create_device
 from .._dma import anonymous_memory
 from .._entry_points import default_device_model, find_workload
-from .._errors import VfioMediateError
+from .._errors import DeviceSpecError, VfioMediateError
 from .._live_migration import LiveMigration, MigratableDevice, MigrationProgress, MigrationReport
 from .._registry import MediatorRegistry
 from ..server import VfioUserClient
@@ -160,6 +160,8 @@ def _local_side(
     stack.callback(backend.close)
     fd, memory = anonymous_memory(size, f"guest-{role}")
     os.close(fd)  # the mapping keeps the memory
+    if backend.dma is None:
+        raise DeviceSpecError(f"{model} does no DMA: it has no guest memory to migrate")
     backend.dma.map_memory(GUEST_IOVA, memory)
     device = MediatedDevice(backend, registry)
     device.open()

@@ -26,7 +26,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--device",
         metavar="SPEC",
-        help=f"a device model name or a TOML spec file ({DEFAULT_DEVICE_HELP})",
+        help=(
+            "a device model name, a TOML spec file or the PCI address of a device bound to "
+            f"vfio-pci (0000:01:10.0) ({DEFAULT_DEVICE_HELP})"
+        ),
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)

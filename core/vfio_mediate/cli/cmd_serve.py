@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._backend import DeviceBackend
 from .._device import MediatedDevice
 from .._device_factory import create_device
 from .._entry_points import default_device_model
-from .._pci import EmulatedPciDevice
 from .._registry import MediatorRegistry
 from ..server import SESSIONS_LOGGER_NAME, DeviceEndpoint, VfioUserServer, check_socket_directory
 from ._defaults import DEFAULT_DEVICE_HELP
@@ -41,11 +41,13 @@ def register(subparsers: Any) -> None:
         "--device",
         action="append",
         metavar="SPEC",
-        help=f"a device model name or a TOML spec file, repeatable ({DEFAULT_DEVICE_HELP})",
+        help=(
+            "a device model name, a TOML spec file or the PCI address of a device bound to "
+            f"vfio-pci (0000:01:10.0), repeatable ({DEFAULT_DEVICE_HELP})"
+        ),
     )
     parser.add_argument(
         "--socket",
-        "--socket-path",
         action="append",
         default=[],
         metavar="PATH",
@@ -87,7 +89,7 @@ def _numbered(name: str, taken: set[str]) -> str:
     return f"{name}-{number}"
 
 
-def _create_devices(specs: list[str], backends: list[EmulatedPciDevice]) -> None:
+def _create_devices(specs: list[str], backends: list[DeviceBackend]) -> None:
     """Create a device per SPEC into ``backends``, each with a name of its own: a device whose
     name is taken (its SPEC given again, or another SPEC of that name) is numbered."""
     own_names: dict[str, str] = {}
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(SESSIONS_LOGGER_NAME).setLevel(logging.INFO)
     registry = MediatorRegistry.from_entry_points()
     registry.require_loaded()  # never serve a broken mediator's devices unmediated
-    backends: list[EmulatedPciDevice] = []
+    backends: list[DeviceBackend] = []
     try:
         _create_devices(specs, backends)
         paths = _socket_paths([backend.name for backend in backends], args.socket)

@@ -31,15 +31,14 @@ import pytest
 from vfio_mediate import (
     MediatedDevice,
     MediatorRegistry,
+    VfioContainer,
     VfioDeviceError,
     VfioPciDevice,
     anonymous_memory,
     create_device,
 )
-from vfio_mediate._vfio import VfioContainer
 from vfio_mediate.cli import main
-from vfio_mediate.server import BackgroundServer
-from vfio_mediate.server._client import VfioUserClient
+from vfio_mediate.server import BackgroundServer, VfioUserClient
 from vfio_mediate.uapi import IrqIndex, RegionFlag
 
 VF, VF2, E1000E, PF = "0000:01:10.0", "0000:01:10.2", "0000:00:02.0", "0000:01:00.0"
