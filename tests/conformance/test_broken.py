@@ -15,8 +15,8 @@ import pytest
 from suite_runs import BROKEN, SuiteRun
 
 from vfio_mediate import Rule
+from vfio_mediate.conformance import DIRTY_LOGGING_PROPERTY
 from vfio_mediate.conformance._mediator import installed_mediators
-from vfio_mediate.conformance._plugin import DIRTY_LOGGING_PROPERTY
 
 CAUGHT_BY: dict[str, tuple[str, Rule]] = {
     "bad-signature": ("load", Rule.HOOK_SIGNATURE),

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 from suite_runs import SuiteRun
 
+from vfio_mediate.conformance import DIRTY_LOGGING_PROPERTY
 from vfio_mediate.conformance._mediator import installed_mediators
-from vfio_mediate.conformance._plugin import DIRTY_LOGGING_PROPERTY
 
 CAPABILITY_TESTS = {
     "test_declines_other_devices": "is a fallback (trylast=True on mediator_open)",

@@ -21,9 +21,9 @@ that workload's traffic; the terminal summary shows the over-report ratio measur
 Without ``--mediator`` the plugin does nothing.
 """
 
-from ._capabilities import MediatorCapabilities, Profile
-from ._mediator import HookCall, HookRecorder, Implementation, MediatorUnderTest
+from ._capabilities import MediatorCapabilities
 from ._plugin import (
+    DIRTY_LOGGING_PROPERTY,
     pytest_addoption,
     pytest_collection_finish,
     pytest_collection_modifyitems,
@@ -34,16 +34,10 @@ from ._plugin import (
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
-from ._targets import Target
 
 __all__ = [
-    "HookCall",
-    "HookRecorder",
-    "Implementation",
+    "DIRTY_LOGGING_PROPERTY",
     "MediatorCapabilities",
-    "MediatorUnderTest",
-    "Profile",
-    "Target",
     "pytest_addoption",
     "pytest_collection_finish",
     "pytest_collection_modifyitems",
