@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,46 +22,17 @@ VF = "0000:01:10.2"
 CONFIG = 7
 
 
-class Qmp:
-    """Just enough QMP: connect, negotiate, run a command."""
+def _load_qmp() -> Any:
+    # The host tests' QMP client (standard library only), from the checkout the guest mounts.
+    path = Path(__file__).parents[2] / "qemu" / "qmp.py"
+    spec = importlib.util.spec_from_file_location("qmp", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Qmp
 
-    def __init__(self, path: Path, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.sock.settimeout(timeout)
-        self.reader = self.sock.makefile("rb")
-        assert "QMP" in self._receive()
-        self.command("qmp_capabilities")
 
-    def _receive(self) -> dict[str, Any]:
-        line = self.reader.readline()
-        if not line:
-            raise ConnectionError("QEMU closed QMP")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def command(self, name: str) -> Any:
-        self.sock.sendall(json.dumps({"execute": name}).encode() + b"\n")
-        while True:
-            message = self._receive()
-            if "event" in message:
-                continue
-            if "error" in message:
-                raise RuntimeError(f"{name}: {message['error']}")
-            return message.get("return")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+Qmp = _load_qmp()
 
 
 def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars(
@@ -119,7 +90,7 @@ def test_qemu_attaches_to_the_served_vf_and_seabios_programs_its_bars(
         backend.close()
 
 
-def programmed_vf(qmp: Qmp, deadline: float) -> dict[str, Any] | None:
+def programmed_vf(qmp: Any, deadline: float) -> dict[str, Any] | None:
     """The VF's ``query-pci`` entry once every BAR has an address (``None`` at the deadline)."""
     while time.monotonic() < deadline:
         for bus in qmp.command("query-pci"):
