@@ -349,4 +349,3 @@ class MediatedDevice:
     def dma_logging(self) -> bool:
         """Whether dirty logging runs."""
         return self._logging.log is not None
-

@@ -18,6 +18,7 @@ from ._dma_view import DmaView
 from ._errors import AccessError
 from ._model import ModelMethods
 from ._pages import areas_of_pages, pages_of
+from ._regions import Reader, Writer, out_of_range
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
     PAGE_SIZE,
@@ -97,6 +98,8 @@ class PciConfig:
 
 
 _MSIX_CONTROL = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+_MSIX_END = _MSIX_CONTROL + 2 + 4
+"""Past the last end offset of a config write of at most 4 bytes that touches MSI-X control."""
 
 
 class DeviceBus:
@@ -301,6 +304,34 @@ class EmulatedPciDevice:
         if entry is None:
             raise AccessError(errno.EINVAL, f"{self.name} has no BAR{index}")
         return entry[3][: entry[0].size]
+
+    def region_handlers(self, index: int, size: int) -> tuple[Reader, Writer] | None:
+        """Bound ``read(offset, count)`` and ``write(offset, data)`` of region ``index`` (of
+        ``size`` bytes), each refusing an access outside it, for the regions with a shorter
+        path than ``read``/``write`` (config space); ``None`` for the others."""
+        if index != _CONFIG:
+            return None
+        config, wmask, lock, write = self._config, self._wmask, self._lock, self.write
+
+        def read_config(offset: int, count: int) -> bytes:
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
+            return bytes(config[offset : offset + count])
+
+        def write_config(offset: int, data: bytes) -> int:
+            end = offset + len(data)
+            register = _CONFIG_REGISTER.get(len(data))
+            if register is None or offset < 0 or end > size or _MSIX_CONTROL < end < _MSIX_END:
+                if offset < 0 or not data or end > size:
+                    raise out_of_range(index, offset, len(data), size)
+                return write(index, offset, data)  # may unmask MSI-X: the whole path
+            unpack = register.unpack_from
+            with lock:
+                (mask,), (old,) = unpack(wmask, offset), unpack(config, offset)
+                register.pack_into(config, offset, (old & ~mask) | (unpack(data)[0] & mask))
+            return len(data)
+
+        return read_config, write_config
 
     def read(self, index: int, offset: int, count: int) -> bytes:
         """Read config space or a BAR (through the model for its registers)."""

@@ -189,6 +189,12 @@ class RegionTable:
             if own_region:
                 refuse = self._refuse(index, size, "access: no device stands behind it")
                 return refuse, refuse
+            shorter = getattr(self.backend, "region_handlers", None)  # a backend's own path
+            handlers: tuple[Reader, Writer] | None = None
+            if shorter is not None:
+                handlers = shorter(index, size)
+            if handlers is not None:
+                return handlers
 
             def backend_only_read(offset: int, count: int) -> bytes:
                 if offset < 0 or count <= 0 or offset + count > size:

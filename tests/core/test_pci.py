@@ -216,3 +216,38 @@ def test_a_model_read_of_the_wrong_length_is_an_error(virtio_spec: DeviceSpec) -
         assert error.value.errno == errno.EIO
     finally:
         device.close()
+
+
+def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedPciDevice) -> None:
+    """The config handlers a MediatedDevice calls keep the write mask, the bounds and the
+    delivery of vectors an MSI-X function unmask releases, whatever the size of the write."""
+    handlers = virtio_device.region_handlers(CFG, 0x1000)
+    assert handlers is not None and virtio_device.region_handlers(0, 0x4000) is None
+    read, write = handlers
+    assert read(PciConfig.VENDOR_ID, 4) == virtio_device.read(CFG, PciConfig.VENDOR_ID, 4)
+    for size in (1, 2, 3, 4):  # 3 bytes goes byte by byte
+        assert write(PciConfig.VENDOR_ID, b"\xff" * size) == size
+    assert read(PciConfig.VENDOR_ID, 4) == struct.pack("<I", 0x1041_1AF4)
+    write(PciConfig.COMMAND, struct.pack("<H", 0xFFFF))
+    assert cfg_read(virtio_device, PciConfig.COMMAND, 2) == 0x0547  # the writable bits only
+    for offset, count in ((-1, 4), (0xFFE, 4), (0, 0)):
+        with pytest.raises(AccessError) as error:
+            read(offset, count)
+        assert error.value.errno == errno.EINVAL
+        with pytest.raises(AccessError) as error:
+            write(offset, b"\0" * count)
+        assert error.value.errno == errno.EINVAL
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [lambda: os.eventfd_write(efd, 1)])
+        control = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+        masked = cfg_read(virtio_device, control - 2, 4) | PciConfig.MSIX_FUNCTION_MASK << 16
+        write(control - 2, struct.pack("<I", masked))
+        virtio_device.raise_msix(1)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        write(control - 2, struct.pack("<I", masked & ~(PciConfig.MSIX_FUNCTION_MASK << 16)))
+        assert os.eventfd_read(efd) == 1  # a 4-byte write that reaches the control word
+    finally:
+        virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [None])
+        os.close(efd)
