@@ -308,9 +308,41 @@ class EmulatedPciDevice:
     def region_handlers(self, index: int, size: int) -> tuple[Reader, Writer] | None:
         """Bound ``read(offset, count)`` and ``write(offset, data)`` of region ``index`` (of
         ``size`` bytes), each refusing an access outside it, for the regions with a shorter
-        path than ``read``/``write`` (config space); ``None`` for the others."""
-        if index != _CONFIG:
+        path than ``read``/``write`` (config space, a BAR's reads); ``None`` for the others."""
+        if index == _CONFIG:
+            return self._config_handlers(index, size)
+        entry = self._bars.get(index)
+        if entry is None:
             return None
+        memory, bar_read, write, name = entry[2], self._bar_read, self.write, self.name
+        acquire, release = self._lock.acquire, self._lock.release
+
+        def read_bar(offset: int, count: int) -> bytes:
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
+            if bar_read is None:
+                return memory[offset : offset + count]
+            acquire()
+            try:
+                value = bar_read(index, offset, count)
+                if value is None:
+                    return memory[offset : offset + count]
+            finally:
+                release()
+            if len(value) != count:
+                raise AccessError(
+                    errno.EIO, f"{name}: model read {len(value)} bytes for a {count}-byte read"
+                )
+            return bytes(value)
+
+        def write_bar(offset: int, data: bytes) -> int:
+            if offset < 0 or not data or offset + len(data) > size:
+                raise out_of_range(index, offset, len(data), size)
+            return write(index, offset, data)
+
+        return read_bar, write_bar
+
+    def _config_handlers(self, index: int, size: int) -> tuple[Reader, Writer]:
         config, wmask, write = self._config, self._wmask, self.write
         # Bound methods in a try: a ``with`` block costs twice as much on every write.
         acquire, release = self._lock.acquire, self._lock.release

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, final
 
@@ -183,16 +184,16 @@ class RegionTable:
         on the unmediated path, two on the mediated one)."""
         backend_read, backend_write = self.backend.read, self.backend.write
         own_region = index >= PCI_NUM_REGIONS
+        shorter = getattr(self.backend, "region_handlers", None)  # a backend's own path
+        handlers: tuple[Reader, Writer] | None = None
+        if shorter is not None and not own_region:
+            handlers = shorter(index, size)
         winner = self.winner
         rw = winner.hook("mediator_rw") if winner is not None and index in self.mediated else None
         if winner is None or rw is None:
             if own_region:
                 refuse = self._refuse(index, size, "access: no device stands behind it")
                 return refuse, refuse
-            shorter = getattr(self.backend, "region_handlers", None)  # a backend's own path
-            handlers: tuple[Reader, Writer] | None = None
-            if shorter is not None:
-                handlers = shorter(index, size)
             if handlers is not None:
                 return handlers
 
@@ -208,6 +209,11 @@ class RegionTable:
 
             return backend_only_read, backend_only_write
         handle, violation = winner.handle, winner.violation
+        if handlers is not None:  # what the mediator passes through (bounds checked again)
+            passed_read, passed_write = handlers
+        else:
+            passed_read = functools.partial(backend_read, index)
+            passed_write = functools.partial(backend_write, index)
 
         def failure(exc: Exception, offset: int, count: int) -> Exception:
             where = f" for region {index} at {offset:#x}+{count:#x}"
@@ -227,7 +233,7 @@ class RegionTable:
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
-                return backend_read(index, offset, count)
+                return passed_read(offset, count)
             if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
                 raise violation(
                     Rule.RW_RESULT,
@@ -247,7 +253,7 @@ class RegionTable:
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
-                return backend_write(index, offset, data)
+                return passed_write(offset, data)
             if result != len(data):
                 raise violation(
                     Rule.RW_RESULT,

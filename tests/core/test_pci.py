@@ -211,9 +211,12 @@ def test_a_model_read_of_the_wrong_length_is_an_error(virtio_spec: DeviceSpec) -
 
     device = EmulatedPciDevice(virtio_spec, Sloppy())
     try:
-        with pytest.raises(AccessError, match="8 bytes for a 4-byte read") as error:
-            device.read(0, 0, 4)
-        assert error.value.errno == errno.EIO
+        handlers = device.region_handlers(0, 0x4000)
+        assert handlers is not None
+        for read in (lambda: device.read(0, 0, 4), lambda: handlers[0](0, 4)):
+            with pytest.raises(AccessError, match="8 bytes for a 4-byte read") as error:
+                read()
+            assert error.value.errno == errno.EIO
     finally:
         device.close()
 
@@ -222,7 +225,7 @@ def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedP
     """The config handlers a MediatedDevice calls keep the write mask, the bounds and the
     delivery of vectors an MSI-X function unmask releases, whatever the size of the write."""
     handlers = virtio_device.region_handlers(CFG, 0x1000)
-    assert handlers is not None and virtio_device.region_handlers(0, 0x4000) is None
+    assert handlers is not None and virtio_device.region_handlers(RegionIndex.VGA, 0) is None
     read, write = handlers
     assert read(PciConfig.VENDOR_ID, 4) == virtio_device.read(CFG, PciConfig.VENDOR_ID, 4)
     for size in (1, 2, 3, 4):  # 3 bytes goes byte by byte
@@ -251,3 +254,23 @@ def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedP
     finally:
         virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [None])
         os.close(efd)
+
+
+def test_bound_bar_handlers_behave_as_read_and_write(virtio_device: EmulatedPciDevice) -> None:
+    """A BAR's bound handlers read and write its memory, keep the PBA read-only and refuse
+    accesses outside the BAR."""
+    handlers = virtio_device.region_handlers(4, 0x2000)
+    assert handlers is not None
+    read, write = handlers
+    assert write(8, b"bar4") == 4
+    assert read(8, 4) == b"bar4" == virtio_device.read(4, 8, 4)
+    virtio_device.raise_msix(0)
+    assert write(0x1000, b"\x00") == 1  # the PBA is read-only
+    assert read(0x1000, 1)[0] == 1
+    for offset, count in ((-1, 4), (0x1FFE, 4), (0, 0)):
+        with pytest.raises(AccessError) as error:
+            read(offset, count)
+        assert error.value.errno == errno.EINVAL
+        with pytest.raises(AccessError) as error:
+            write(offset, b"\0" * count)
+        assert error.value.errno == errno.EINVAL
