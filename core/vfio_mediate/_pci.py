@@ -18,6 +18,7 @@ from ._dma_view import DmaView
 from ._errors import AccessError
 from ._model import ModelMethods
 from ._pages import areas_of_pages, pages_of
+from ._regions import Reader, Writer, out_of_range
 from ._spec import MSIX_ENTRY_SIZE, BarSpec, DeviceSpec
 from .uapi import (
     PAGE_SIZE,
@@ -97,6 +98,8 @@ class PciConfig:
 
 
 _MSIX_CONTROL = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+_MSIX_END = _MSIX_CONTROL + 2 + 4
+"""Past the last end offset of a config write of at most 4 bytes that touches MSI-X control."""
 
 
 class DeviceBus:
@@ -302,6 +305,71 @@ class EmulatedPciDevice:
             raise AccessError(errno.EINVAL, f"{self.name} has no BAR{index}")
         return entry[3][: entry[0].size]
 
+    def region_handlers(self, index: int, size: int) -> tuple[Reader, Writer] | None:
+        """Bound ``read(offset, count)`` and ``write(offset, data)`` of region ``index`` (of
+        ``size`` bytes), each refusing an access outside it, for the regions with a shorter
+        path than ``read``/``write`` (config space, a BAR's reads); ``None`` for the others."""
+        if index == _CONFIG:
+            return self._config_handlers(index, size)
+        entry = self._bars.get(index)
+        if entry is None:
+            return None
+        memory, bar_read, write, name = entry[2], self._bar_read, self.write, self.name
+        acquire, release = self._lock.acquire, self._lock.release
+
+        def read_bar(offset: int, count: int) -> bytes:
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
+            if bar_read is None:
+                return memory[offset : offset + count]
+            acquire()
+            try:
+                value = bar_read(index, offset, count)
+                if value is None:
+                    return memory[offset : offset + count]
+            finally:
+                release()
+            if len(value) != count:
+                raise AccessError(
+                    errno.EIO, f"{name}: model read {len(value)} bytes for a {count}-byte read"
+                )
+            return bytes(value)
+
+        def write_bar(offset: int, data: bytes) -> int:
+            if offset < 0 or not data or offset + len(data) > size:
+                raise out_of_range(index, offset, len(data), size)
+            return write(index, offset, data)
+
+        return read_bar, write_bar
+
+    def _config_handlers(self, index: int, size: int) -> tuple[Reader, Writer]:
+        config, wmask, write = self._config, self._wmask, self.write
+        # Bound methods in a try: a ``with`` block costs twice as much on every write.
+        acquire, release = self._lock.acquire, self._lock.release
+
+        def read_config(offset: int, count: int) -> bytes:
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
+            return bytes(config[offset : offset + count])
+
+        def write_config(offset: int, data: bytes) -> int:
+            end = offset + len(data)
+            register = _CONFIG_REGISTER.get(len(data))
+            if register is None or offset < 0 or end > size or _MSIX_CONTROL < end < _MSIX_END:
+                if offset < 0 or not data or end > size:
+                    raise out_of_range(index, offset, len(data), size)
+                return write(index, offset, data)  # may unmask MSI-X: the whole path
+            unpack = register.unpack_from
+            acquire()
+            try:
+                (mask,), (old,) = unpack(wmask, offset), unpack(config, offset)
+                register.pack_into(config, offset, (old & ~mask) | (unpack(data)[0] & mask))
+            finally:
+                release()
+            return len(data)
+
+        return read_config, write_config
+
     def read(self, index: int, offset: int, count: int) -> bytes:
         """Read config space or a BAR (through the model for its registers)."""
         if index == _CONFIG:
@@ -309,17 +377,22 @@ class EmulatedPciDevice:
         entry = self._bars.get(index)
         if entry is None:
             raise AccessError(errno.EINVAL, f"{self.name}: region {index} has no memory")
-        with self._lock:
-            if self._bar_read is not None:
-                value = self._bar_read(index, offset, count)
-                if value is not None:
-                    if len(value) != count:
-                        raise AccessError(
-                            errno.EIO,
-                            f"{self.name}: model read {len(value)} bytes for a {count}-byte read",
-                        )
-                    return bytes(value)
-            return entry[2][offset : offset + count]  # an mmap slice is bytes: one copy
+        bar_read = self._bar_read
+        if bar_read is not None:
+            lock = self._lock
+            lock.acquire()  # not ``with``: it costs twice as much on every read
+            try:
+                value = bar_read(index, offset, count)
+                if value is None:
+                    return entry[2][offset : offset + count]  # an mmap slice is bytes: one copy
+            finally:
+                lock.release()
+            if len(value) != count:
+                raise AccessError(
+                    errno.EIO, f"{self.name}: model read {len(value)} bytes for a {count}-byte read"
+                )
+            return bytes(value)
+        return entry[2][offset : offset + count]
 
     def write(self, index: int, offset: int, data: bytes) -> int:
         """Write config space (writable bits only) or a BAR (through the model)."""

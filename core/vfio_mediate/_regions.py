@@ -14,7 +14,7 @@ from ._rules import Rule
 from ._winner import WinningMediator
 from .uapi import PCI_NUM_REGIONS, RegionFlag, RegionInfo, SparseMmapArea
 
-__all__ = ["Reader", "RegionEntry", "RegionTable", "Writer"]
+__all__ = ["Reader", "RegionEntry", "RegionTable", "Writer", "out_of_range"]
 
 Reader = Callable[[int, int], bytes]
 """``read(offset, count)`` of one region."""
@@ -23,7 +23,8 @@ Writer = Callable[[int, bytes], int]
 
 
 class RegionEntry(NamedTuple):
-    """What an access of one region needs: its size and its two handlers."""
+    """What an access of one region needs: its size and its two handlers, each of which
+    refuses an access outside the region (``EINVAL``) before anything else."""
 
     size: int
     read: Reader
@@ -170,24 +171,49 @@ class RegionTable:
     # -- the handlers ------------------------------------------------------------------------
 
     def _entry(self, info: RegionInfo) -> RegionEntry:
-        read, write = self._handlers(info.index)
+        index, size = info.index, info.size
+        read, write = self._handlers(index, size)
         if not info.flags & RegionFlag.READ:
-            read = self._refuse(info.index, "read")
+            read = self._refuse(index, size, "read")
         if not info.flags & RegionFlag.WRITE:
-            write = self._refuse(info.index, "write")
-        return RegionEntry(info.size, read, write)
+            write = self._refuse(index, size, "write")
+        return RegionEntry(size, read, write)
 
-    def _handlers(self, index: int) -> tuple[Reader, Writer]:
+    def _handlers(self, index: int, size: int) -> tuple[Reader, Writer]:
+        """The region's two handlers, the bounds check folded into each (one call per access
+        on the unmediated path, two on the mediated one)."""
         backend_read, backend_write = self.backend.read, self.backend.write
         own_region = index >= PCI_NUM_REGIONS
+        shorter = getattr(self.backend, "region_handlers", None)  # a backend's own path
+        handlers: tuple[Reader, Writer] | None = None
+        if shorter is not None and not own_region:
+            handlers = shorter(index, size)
         winner = self.winner
         rw = winner.hook("mediator_rw") if winner is not None and index in self.mediated else None
         if winner is None or rw is None:
             if own_region:
-                refuse = self._refuse(index, "access: no device stands behind it")
+                refuse = self._refuse(index, size, "access: no device stands behind it")
                 return refuse, refuse
-            return functools.partial(backend_read, index), functools.partial(backend_write, index)
+            if handlers is not None:
+                return handlers
+
+            def backend_only_read(offset: int, count: int) -> bytes:
+                if offset < 0 or count <= 0 or offset + count > size:
+                    raise out_of_range(index, offset, count, size)
+                return backend_read(index, offset, count)
+
+            def backend_only_write(offset: int, data: bytes) -> int:
+                if offset < 0 or not data or offset + len(data) > size:
+                    raise out_of_range(index, offset, len(data), size)
+                return backend_write(index, offset, data)
+
+            return backend_only_read, backend_only_write
         handle, violation = winner.handle, winner.violation
+        if handlers is not None:  # what the mediator passes through (bounds checked again)
+            passed_read, passed_write = handlers
+        else:
+            passed_read = functools.partial(backend_read, index)
+            passed_write = functools.partial(backend_write, index)
 
         def failure(exc: Exception, offset: int, count: int) -> Exception:
             where = f" for region {index} at {offset:#x}+{count:#x}"
@@ -196,6 +222,8 @@ class RegionTable:
             return violation(Rule.ACCESS_ERRORS, f"mediator_rw raised {exc!r}{where}")
 
         def read(offset: int, count: int) -> bytes:
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
             try:
                 result = rw(handle, index, offset, count, None, False)
             except Exception as exc:
@@ -205,7 +233,7 @@ class RegionTable:
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"read of own region {index} passed through")
-                return backend_read(index, offset, count)
+                return passed_read(offset, count)
             if not isinstance(result, bytes | bytearray | memoryview) or len(result) != count:
                 raise violation(
                     Rule.RW_RESULT,
@@ -214,6 +242,8 @@ class RegionTable:
             return bytes(result)
 
         def write(offset: int, data: bytes) -> int:
+            if offset < 0 or not data or offset + len(data) > size:
+                raise out_of_range(index, offset, len(data), size)
             try:
                 result = rw(handle, index, offset, len(data), data, True)
             except Exception as exc:
@@ -223,7 +253,7 @@ class RegionTable:
             if result is None:
                 if own_region:
                     raise violation(Rule.RW_RESULT, f"write of own region {index} passed through")
-                return backend_write(index, offset, data)
+                return passed_write(offset, data)
             if result != len(data):
                 raise violation(
                     Rule.RW_RESULT,
@@ -234,13 +264,25 @@ class RegionTable:
 
         return read, write
 
-    def _refuse(self, index: int, what: str) -> Callable[..., Any]:
+    def _refuse(self, index: int, size: int, what: str) -> Callable[[int, Any], Any]:
         name = self.name
 
-        def refuse(*_: Any) -> Any:
+        def refuse(offset: int, arg: Any) -> Any:
+            count = arg if isinstance(arg, int) else len(arg)
+            if offset < 0 or count <= 0 or offset + count > size:
+                raise out_of_range(index, offset, count, size)
             raise AccessError(errno.EINVAL, f"{name}: region {index} does not allow {what}")
 
         return refuse
+
+
+def out_of_range(index: int, offset: int, count: int, size: int) -> AccessError:
+    """The refusal of an access ``offset+count`` that region ``index`` of ``size`` bytes does
+    not hold."""
+    return AccessError(
+        errno.EINVAL,
+        f"access {offset:#x}+{count:#x} is outside region {index} (size {size:#x})",
+    )
 
 
 def _mapped_pages(areas: Iterable[SparseMmapArea]) -> set[int]:

@@ -211,8 +211,66 @@ def test_a_model_read_of_the_wrong_length_is_an_error(virtio_spec: DeviceSpec) -
 
     device = EmulatedPciDevice(virtio_spec, Sloppy())
     try:
-        with pytest.raises(AccessError, match="8 bytes for a 4-byte read") as error:
-            device.read(0, 0, 4)
-        assert error.value.errno == errno.EIO
+        handlers = device.region_handlers(0, 0x4000)
+        assert handlers is not None
+        for read in (lambda: device.read(0, 0, 4), lambda: handlers[0](0, 4)):
+            with pytest.raises(AccessError, match="8 bytes for a 4-byte read") as error:
+                read()
+            assert error.value.errno == errno.EIO
     finally:
         device.close()
+
+
+def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedPciDevice) -> None:
+    """The config handlers a MediatedDevice calls keep the write mask, the bounds and the
+    delivery of vectors an MSI-X function unmask releases, whatever the size of the write."""
+    handlers = virtio_device.region_handlers(CFG, 0x1000)
+    assert handlers is not None and virtio_device.region_handlers(RegionIndex.VGA, 0) is None
+    read, write = handlers
+    assert read(PciConfig.VENDOR_ID, 4) == virtio_device.read(CFG, PciConfig.VENDOR_ID, 4)
+    for size in (1, 2, 3, 4):  # 3 bytes goes byte by byte
+        assert write(PciConfig.VENDOR_ID, b"\xff" * size) == size
+    assert read(PciConfig.VENDOR_ID, 4) == struct.pack("<I", 0x1041_1AF4)
+    write(PciConfig.COMMAND, struct.pack("<H", 0xFFFF))
+    assert cfg_read(virtio_device, PciConfig.COMMAND, 2) == 0x0547  # the writable bits only
+    for offset, count in ((-1, 4), (0xFFE, 4), (0, 0)):
+        with pytest.raises(AccessError) as error:
+            read(offset, count)
+        assert error.value.errno == errno.EINVAL
+        with pytest.raises(AccessError) as error:
+            write(offset, b"\0" * count)
+        assert error.value.errno == errno.EINVAL
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [lambda: os.eventfd_write(efd, 1)])
+        control = PciConfig.MSIX_CAP + PciConfig.MSIX_CONTROL
+        masked = cfg_read(virtio_device, control - 2, 4) | PciConfig.MSIX_FUNCTION_MASK << 16
+        write(control - 2, struct.pack("<I", masked))
+        virtio_device.raise_msix(1)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        write(control - 2, struct.pack("<I", masked & ~(PciConfig.MSIX_FUNCTION_MASK << 16)))
+        assert os.eventfd_read(efd) == 1  # a 4-byte write that reaches the control word
+    finally:
+        virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [None])
+        os.close(efd)
+
+
+def test_bound_bar_handlers_behave_as_read_and_write(virtio_device: EmulatedPciDevice) -> None:
+    """A BAR's bound handlers read and write its memory, keep the PBA read-only and refuse
+    accesses outside the BAR."""
+    handlers = virtio_device.region_handlers(4, 0x2000)
+    assert handlers is not None
+    read, write = handlers
+    assert write(8, b"bar4") == 4
+    assert read(8, 4) == b"bar4" == virtio_device.read(4, 8, 4)
+    virtio_device.raise_msix(0)
+    assert write(0x1000, b"\x00") == 1  # the PBA is read-only
+    assert read(0x1000, 1)[0] == 1
+    for offset, count in ((-1, 4), (0x1FFE, 4), (0, 0)):
+        with pytest.raises(AccessError) as error:
+            read(offset, count)
+        assert error.value.errno == errno.EINVAL
+        with pytest.raises(AccessError) as error:
+            write(offset, b"\0" * count)
+        assert error.value.errno == errno.EINVAL

@@ -213,7 +213,8 @@ class Regions(CommandGroup):
         offset, index, count = _unpack_rw(message, start)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"read of {count} bytes")
-        data = self._read(index, offset, count)
+        entry = self.device.region_handlers.get(index)
+        data = self._read(index, offset, count) if entry is None else entry[1](offset, count)
         if not flags & NO_REPLY:
             size = len(data)
             self._send(
@@ -230,12 +231,15 @@ class Regions(CommandGroup):
         if len(message) - start < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(message) - start} bytes")
         offset, index, count = _unpack_rw(message, start)
-        data = bytes(message[start + _RW_SIZE :])
+        data = message[start + _RW_SIZE :]
+        if type(data) is not bytes:
+            data = bytes(data)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"write of {count} bytes")
         if count != len(data):
             raise AccessError(errno.EINVAL, f"write of {count} bytes carries {len(data)}")
-        written = self._write(index, offset, data)
+        entry = self.device.region_handlers.get(index)
+        written = self._write(index, offset, data) if entry is None else entry[2](offset, data)
         if self._replies:
             self._replies.clear()  # what the mediator answers may change with any write
         if not flags & NO_REPLY:

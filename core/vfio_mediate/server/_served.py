@@ -6,11 +6,12 @@ kernel's IOMMU, say) implements the same methods and properties.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._backend import RegionMapping, Trigger
 from .._dma import DmaMapping, DmaSpace
+from .._regions import RegionEntry
 from ..uapi import DeviceInfo, IrqInfo, MigrationState, RegionInfo
 
 __all__ = ["ServedDevice"]
@@ -33,6 +34,13 @@ class ServedDevice(Protocol):
     def device_info(self) -> DeviceInfo: ...
     def region_info(self, index: int) -> RegionInfo: ...
     def mmap(self, index: int, offset: int, length: int) -> RegionMapping: ...
+    @property
+    def region_handlers(self) -> Mapping[int, RegionEntry]:
+        """Per open region, its size and bound ``read(offset, count)`` and ``write(offset,
+        data)``, each checking its bounds: what ``read`` and ``write`` call. Replaced whole
+        when it changes; a region not in it goes through ``read``/``write``."""
+        ...
+
     def read(self, index: int, offset: int, count: int) -> bytes: ...
     def write(self, index: int, offset: int, data: bytes) -> int: ...
     def irq_info(self, index: int) -> IrqInfo: ...
