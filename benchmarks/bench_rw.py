@@ -1,6 +1,6 @@
 """Per-access cost of a region read: direct backend call vs MediatedDevice vs the RFC's design.
 
-Run: ``python benchmarks/bench_rw.py``. Targets (DESIGN.md, "Performance model"): an unmediated
+Run: ``python benchmarks/bench_rw.py``. Targets (README.md, "Performance"): an unmediated
 region within a small factor of the direct backend call, a mediated one adding one plain call,
 both far below a pluggy ``firstresult`` dispatch per access (what the 2019 RFC did).
 """

@@ -2,7 +2,7 @@
 
 ``VfioUserServer`` serves each ``MediatedDevice`` on a UNIX socket of its own: it accepts on an
 asyncio loop (``BackgroundServer`` runs one on a thread for blocking code) and runs each
-``Session`` on a thread of its own (``_engine``: reading, framing, dispatching; one module per
+session on a thread of its own (``_engine``: reading, framing, dispatching; one module per
 command group: ``_negotiation``, ``_regions``, ``_dma_maps``, ``_irqs``, ``_features``; the
 device as ``_served.ServedDevice`` sees it). ``VfioUserClient`` speaks the protocol from Python.
 ``_codec`` holds the wire format, once. The server logs under ``LOGGER_NAME``, one line per
@@ -17,11 +17,9 @@ from ._codec import (
     HeaderFlag,
     ProtocolError,
     VfioUserCapabilities,
-    pack_error,
     pack_message,
 )
-from ._config import PeerCredentials, ServerConfig
-from ._engine import Session
+from ._config import ServerConfig
 from ._log import LOGGER_NAME, SESSIONS_LOGGER_NAME
 from ._server import BackgroundServer, DeviceEndpoint, VfioUserServer, check_socket_directory
 
@@ -35,14 +33,11 @@ __all__ = [
     "DmaLayout",
     "HeaderFlag",
     "Message",
-    "PeerCredentials",
     "ProtocolError",
     "ServerConfig",
-    "Session",
     "VfioUserCapabilities",
     "VfioUserClient",
     "VfioUserServer",
     "check_socket_directory",
-    "pack_error",
     "pack_message",
 ]
