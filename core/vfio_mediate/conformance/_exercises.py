@@ -401,9 +401,7 @@ def workout(
     return refusals
 
 
-def observe(
-    device: MediatedDevice, target: Target, *, contents: bool, own_regions: bool = True
-) -> dict[str, Any]:
+def observe(device: MediatedDevice, *, contents: bool, own_regions: bool = True) -> dict[str, Any]:
     """What a client sees of an open device: its mediator, mediated regions, region info,
     migration flags and, with ``contents``, what each mediated region shows: every 4-byte
     register of its trapped pages and the places of ``access_plan`` (``own_regions``: of the

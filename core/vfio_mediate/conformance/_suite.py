@@ -430,10 +430,10 @@ class TestConduct:
                 # register (each device its own pattern) pay.
                 for index in sorted(other.mediated_regions):
                     rw_workload(other, target, index, seed=2, dense=target.is_plain)
-                before = observe(other, target, contents=target.is_plain)
+                before = observe(other, contents=target.is_plain)
                 with rig.opened(target, "isolation-a") as device:
                     workout(device, target, seed=1, dense=target.is_plain)
-                after = observe(other, target, contents=target.is_plain)
+                after = observe(other, contents=target.is_plain)
                 changed = differences(before, after)
                 if changed:
                     fail(
@@ -454,11 +454,11 @@ class TestConduct:
                 workout(device, target, seed=number)
                 # Writes every register through the mediator (a mediator may shadow them).
                 refused = _refused(device, target, seed=number)
-                first = observe(device, target, contents=target.is_plain, own_regions=False)
+                first = observe(device, contents=target.is_plain, own_regions=False)
             with device:
                 if first["mediator"] is not None and device.mediator is None:
                     fail(Rule.REOPEN, f"{target}: not claimed again after its last close")
-                again = observe(device, target, contents=target.is_plain, own_regions=False)
+                again = observe(device, contents=target.is_plain, own_regions=False)
                 changed = differences(first, again)
                 if changed:
                     fail(
