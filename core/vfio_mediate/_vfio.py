@@ -664,21 +664,13 @@ class VfioPciDevice:
         """Route vectors ``start`` onward to eventfds (``-1`` unsets one) in the kernel: an
         interrupt reaches the eventfd's reader without passing through Python."""
         for vector in range(start, start + len(fds)):
-            relayed = self._relayed.pop((index, vector), None)
-            if relayed is not None:
-                self._relay.remove(relayed)
-        self._set_irqs(
-            IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
-            index,
-            start,
-            len(fds),
-            struct.pack(f"={len(fds)}i", *fds),
-        )
+            self._stop_relaying(index, vector)
+        self._route_to_eventfds(index, start, fds)
 
     def disable_irqs(self, index: int) -> None:
         """Turn off every vector of ``index`` (DATA_NONE|TRIGGER with count 0)."""
         for key in [key for key in self._relayed if key[0] == index]:
-            self._relay.remove(self._relayed.pop(key))
+            self._stop_relaying(*key)
         self._set_irqs(IrqSetFlag.DATA_NONE | IrqSetFlag.ACTION_TRIGGER, index, 0, 0)
 
     def set_irq_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
@@ -687,9 +679,7 @@ class VfioPciDevice:
         a ``fileno()`` (an eventfd) is given to the kernel as it is."""
         fds: list[int] = []
         for vector, trigger in enumerate(triggers, start):
-            old = self._relayed.pop((index, vector), None)
-            if old is not None:
-                self._relay.remove(old)
+            self._stop_relaying(index, vector)
             if trigger is None:
                 fds.append(-1)
             elif hasattr(trigger, "fileno"):  # an eventfd: the kernel signals it directly
@@ -698,6 +688,14 @@ class VfioPciDevice:
                 fd = self._relay.add(trigger)
                 self._relayed[(index, vector)] = fd
                 fds.append(fd)
+        self._route_to_eventfds(index, start, fds)
+
+    def _stop_relaying(self, index: int, vector: int) -> None:
+        relayed = self._relayed.pop((index, vector), None)
+        if relayed is not None:
+            self._relay.remove(relayed)
+
+    def _route_to_eventfds(self, index: int, start: int, fds: Sequence[int]) -> None:
         self._set_irqs(
             IrqSetFlag.DATA_EVENTFD | IrqSetFlag.ACTION_TRIGGER,
             index,
