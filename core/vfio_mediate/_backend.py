@@ -43,8 +43,7 @@ class DeviceBackend(Protocol):
 
     A backend owns DMA mapping (``dma_map``/``dma_unmap``: a real device maps into its IOMMU)
     and interrupt routing (``set_irq_eventfds`` takes raw eventfds; ``set_irq_triggers`` takes
-    callables). A backend with ``direct_irqs = True`` prefers eventfds: ``MediatedDevice`` gives
-    it the client's eventfds unless the mediator observes the vector.
+    callables); ``direct_irqs`` and ``iommu_dirty_tracking`` say what it offers beyond that.
 
     Region accesses arrive already checked against the region's size. Errors are ``OSError``
     with an errno.
@@ -65,6 +64,17 @@ class DeviceBackend(Protocol):
     @property
     def model(self) -> Any:
         """The behaviour object of an emulated device model, or ``None``."""
+
+    @property
+    def direct_irqs(self) -> bool:
+        """Whether the device signals eventfds itself (a device bound to vfio-pci): then
+        ``MediatedDevice`` gives it the client's eventfds (``set_irq_eventfds``) unless the
+        mediator observes the vector, and no Python runs per interrupt."""
+
+    @property
+    def iommu_dirty_tracking(self) -> bool:
+        """Whether the device's IOMMU can report the pages it dirtied (type1's
+        ``VFIO_IOMMU_DIRTY_PAGES``), for a device whose mediator cannot."""
 
     def device_info(self) -> DeviceInfo:
         """Flags, number of regions and of IRQ indexes."""

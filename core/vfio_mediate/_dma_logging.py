@@ -38,7 +38,7 @@ class DmaLogging:
         self.log: DirtyLog | None = None
         if winner is not None and winner.implements("mediator_dma_logging_start"):
             self.source: str | None = "mediator"
-        elif backend is not None and getattr(backend, "iommu_dirty_tracking", False):
+        elif backend is not None and backend.iommu_dirty_tracking:
             self.source = "iommu"
         else:
             self.source = None

@@ -30,7 +30,7 @@ class IrqRouting:
 
     def set_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        if not getattr(self.backend, "direct_irqs", False):
+        if not self.backend.direct_irqs:
             self.backend.set_irq_triggers(index, start, triggers)
             return
         observed = self._observed(index)

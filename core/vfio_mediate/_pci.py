@@ -151,6 +151,9 @@ class EmulatedPciDevice:
         )
         self.model = model
         self.dma = DmaSpace()
+        # Interrupts are triggers the function calls; its DMA space watches no IOMMU.
+        self.direct_irqs = False
+        self.iommu_dirty_tracking = False
         self._lock = threading.RLock()
         self._bars: dict[int, tuple[BarSpec, int, mmap.mmap, memoryview]] = {}
         self._triggers: dict[int, dict[int, Trigger]] = {index: {} for index in IrqIndex}

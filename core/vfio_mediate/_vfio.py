@@ -479,8 +479,6 @@ class VfioPciDevice:
 
     direct_irqs = True
     """Interrupts go to the client's eventfds in the kernel (``set_irq_eventfds``)."""
-    dma_needs_fd = True
-    """The device DMAs on its own through the IOMMU: memory without an fd cannot reach it."""
     model = None
 
     def __init__(
