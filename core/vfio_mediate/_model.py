@@ -59,6 +59,10 @@ class DeviceModel(Protocol):
     - ``attach(bus)``: called once, when the device is built, with its ``Bus``;
     - ``bar_read(bar, offset, count)``: a read of a trapped BAR register: exactly ``count``
       bytes, or ``None`` to read the BAR's memory;
+    - ``computed_reads(bar)``: the ``(offset, size)`` ranges of BAR ``bar`` whose reads
+      ``bar_read`` computes, asked once when the device opens (``None``: any read may be).
+      A read that touches none of them reads the BAR's memory without calling ``bar_read``,
+      so ``bar_read`` must answer ``None`` for every such read;
     - ``bar_write(bar, offset, data)``: a write of a trapped BAR register: ``True`` when the
       model handled it, ``False`` to store it in the BAR's memory;
     - ``mmap_areas(bar)``: the ``(offset, size)`` areas of BAR ``bar`` a client may map
@@ -75,6 +79,10 @@ class DeviceModel(Protocol):
 
     def bar_read(self, bar: int, offset: int, count: int) -> bytes | None:
         """A register read, or ``None``."""
+        ...
+
+    def computed_reads(self, bar: int) -> list[tuple[int, int]] | None:
+        """The ranges of BAR ``bar`` ``bar_read`` computes, or ``None`` for all of it."""
         ...
 
     def bar_write(self, bar: int, offset: int, data: bytes) -> bool:
@@ -97,6 +105,7 @@ class ModelMethods:
 
     attach: Callable[[Bus], None] | None = None
     bar_read: Callable[[int, int, int], bytes | None] | None = None
+    computed_reads: Callable[[int], list[tuple[int, int]] | None] | None = None
     bar_write: Callable[[int, int, bytes], bool] | None = None
     mmap_areas: Callable[[int], list[tuple[int, int]] | None] | None = None
     reset: Callable[[], None] | None = None
@@ -109,6 +118,7 @@ class ModelMethods:
         return cls(
             getattr(model, "attach", None),
             getattr(model, "bar_read", None),
+            getattr(model, "computed_reads", None),
             getattr(model, "bar_write", None),
             getattr(model, "mmap_areas", None),
             getattr(model, "reset", None),

@@ -3,6 +3,7 @@ MSI-X, DMA through a ``DmaSpace``, and the device's behaviour from an optional m
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import mmap
@@ -15,7 +16,7 @@ from typing import Any, final
 from ._backend import DeviceIdentity, RegionMapping, Trigger
 from ._dma import DmaMapping, DmaSpace, RemoteMemory, anonymous_memory
 from ._dma_view import DmaView
-from ._errors import AccessError
+from ._errors import AccessError, DeviceSpecError
 from ._model import ModelMethods
 from ._pages import areas_of_pages, pages_of
 from ._regions import Reader, Writer, out_of_range
@@ -174,6 +175,7 @@ class EmulatedPciDevice:
             self._bar_write = self._methods.bar_write
             if self._methods.attach is not None:
                 self._methods.attach(DeviceBus(self))
+            self._computed = {bar.index: self._computed_reads(bar) for bar in spec.bars}
         except BaseException:
             self.close()
             raise
@@ -308,6 +310,31 @@ class EmulatedPciDevice:
             raise AccessError(errno.EINVAL, f"{self.name} has no BAR{index}")
         return entry[3][: entry[0].size]
 
+    def _computed_reads(self, bar: BarSpec) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The model's computed ranges of ``bar`` as the sorted starts and ends of disjoint
+        ranges, or ``None`` when every read goes to the model."""
+        computed_reads = self._methods.computed_reads
+        if computed_reads is None or self._bar_read is None:
+            return None
+        ranges = computed_reads(bar.index)
+        if ranges is None:
+            return None
+        merged: list[list[int]] = []
+        try:
+            for offset, size in sorted((int(o), int(n)) for o, n in ranges):
+                if offset < 0 or size <= 0 or offset + size > bar.size:
+                    raise ValueError(f"range {offset:#x}+{size:#x} outside the BAR")
+                if merged and offset <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], offset + size)
+                else:
+                    merged.append([offset, offset + size])
+        except (TypeError, ValueError) as exc:
+            raise DeviceSpecError(
+                f"{self.name}: the model's computed_reads({bar.index}) returned "
+                f"{ranges!r:.60}, not (offset, size) ranges of the BAR: {exc}"
+            ) from exc
+        return tuple(start for start, _ in merged), tuple(end for _, end in merged)
+
     def region_handlers(self, index: int, size: int) -> tuple[Reader, Writer] | None:
         """Bound ``read(offset, count)`` and ``write(offset, data)`` of region ``index`` (of
         ``size`` bytes), each refusing an access outside it, for the regions with a shorter
@@ -319,12 +346,20 @@ class EmulatedPciDevice:
             return None
         memory, bar_read, write, name = entry[2], self._bar_read, self.write, self.name
         acquire, release = self._lock.acquire, self._lock.release
+        computed = self._computed.get(index)
+        starts, ends = computed if computed is not None else ((), ())
+        after = bisect.bisect_right
+        last = len(ends)
 
         def read_bar(offset: int, count: int) -> bytes:
             if offset < 0 or count <= 0 or offset + count > size:
                 raise out_of_range(index, offset, count, size)
             if bar_read is None:
                 return memory[offset : offset + count]
+            if computed is not None:
+                at = after(ends, offset)  # the first computed range that ends past offset
+                if at == last or starts[at] >= offset + count:
+                    return memory[offset : offset + count]
             acquire()
             try:
                 value = bar_read(index, offset, count)
@@ -346,27 +381,48 @@ class EmulatedPciDevice:
         return read_bar, write_bar
 
     def _config_handlers(self, index: int, size: int) -> tuple[Reader, Writer]:
-        config, wmask, write = self._config, self._wmask, self.write
+        config, write = self._config, self.write
         # Bound methods in a try: a ``with`` block costs twice as much on every write.
         acquire, release = self._lock.acquire, self._lock.release
+        # An aligned write of 1, 2 or 4 bytes is one cell of a view of that size, merged with
+        # the cell's write mask (fixed once the device is built). The views and the data are
+        # read in native order: the merge is bitwise, so any one order is the bytes' own.
+        wmask = memoryview(self._wmask)
+        views = {
+            1: (memoryview(config).cast("B"), wmask.cast("B"), struct.Struct("=B").unpack),
+            2: (memoryview(config).cast("H"), wmask.cast("H"), struct.Struct("=H").unpack),
+            4: (memoryview(config).cast("I"), wmask.cast("I"), struct.Struct("=I").unpack),
+        }
+        # Per size, per offset written so far that takes the short path: its cell.
+        spots: dict[int, dict[int, tuple[memoryview, int, int, int, Any]]] = {
+            count: {} for count in views
+        }
 
         def read_config(offset: int, count: int) -> bytes:
             if offset < 0 or count <= 0 or offset + count > size:
                 raise out_of_range(index, offset, count, size)
             return bytes(config[offset : offset + count])
 
-        def write_config(offset: int, data: bytes) -> int:
+        def first_write(offset: int, data: bytes) -> int:
             end = offset + len(data)
-            register = _CONFIG_REGISTER.get(len(data))
-            if register is None or offset < 0 or end > size or _MSIX_CONTROL < end < _MSIX_END:
-                if offset < 0 or not data or end > size:
-                    raise out_of_range(index, offset, len(data), size)
-                return write(index, offset, data)  # may unmask MSI-X: the whole path
-            unpack = register.unpack_from
+            if offset < 0 or not data or end > size:
+                raise out_of_range(index, offset, len(data), size)
+            if offset % len(data) or len(data) not in views or _MSIX_CONTROL < end < _MSIX_END:
+                return write(index, offset, data)  # unaligned, or may unmask MSI-X
+            values, masks, unpack = views[len(data)]
+            at = offset // len(data)
+            spots[len(data)][offset] = (values, at, ~masks[at], masks[at], unpack)
+            return write_config(offset, data)
+
+        def write_config(offset: int, data: bytes) -> int:
+            cells = spots.get(len(data))
+            spot = None if cells is None else cells.get(offset)
+            if spot is None:
+                return first_write(offset, data)
+            values, at, keep, mask, unpack = spot
             acquire()
             try:
-                (mask,), (old,) = unpack(wmask, offset), unpack(config, offset)
-                register.pack_into(config, offset, (old & ~mask) | (unpack(data)[0] & mask))
+                values[at] = (values[at] & keep) | (unpack(data)[0] & mask)
             finally:
                 release()
             return len(data)

@@ -256,6 +256,76 @@ def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedP
         os.close(efd)
 
 
+def test_bound_config_writes_merge_like_the_full_path(virtio_spec: DeviceSpec) -> None:
+    """Every size and alignment, each offset written twice (the second time from what the
+    first write left): the bound handler leaves config space exactly as ``write`` does."""
+    bound, full = EmulatedPciDevice(virtio_spec), EmulatedPciDevice(virtio_spec)
+    try:
+        handlers = bound.region_handlers(CFG, 0x1000)
+        assert handlers is not None
+        write = handlers[1]
+        for value in (0xFFFF_FFFF, 0x5A5A_A5A5):
+            for size in (1, 2, 3, 4):
+                for offset in range(0, 0x100 - size):
+                    data = (value >> (8 * (offset % 4))).to_bytes(8, "little")[:size]
+                    assert write(offset, data) == size
+                    full.write(CFG, offset, data)
+                    assert bound.read(CFG, 0, 0x100) == full.read(CFG, 0, 0x100), (offset, size)
+        assert bound.read(CFG, 0, 0x100) != EmulatedPciDevice(virtio_spec).read(CFG, 0, 0x100)
+    finally:
+        bound.close()
+        full.close()
+
+
+class _Registers:
+    """A model that computes the register at 0x10 and counts the reads it is asked."""
+
+    def __init__(self, computed: object = ((0x10, 4),)) -> None:
+        self.computed = computed
+        self.asked: list[tuple[int, int]] = []
+
+    def computed_reads(self, bar: int) -> object:
+        return self.computed if bar == 0 else []
+
+    def bar_read(self, bar: int, offset: int, count: int) -> bytes | None:
+        self.asked.append((offset, count))
+        return bytes(count) if offset < 0x14 and offset + count > 0x10 else None
+
+
+def test_reads_outside_computed_registers_skip_the_model(virtio_spec: DeviceSpec) -> None:
+    """A model that declares its computed registers is asked only the reads that touch one;
+    the others read the BAR's memory. Declaring ``None`` sends every read to the model."""
+    model = _Registers()
+    device = EmulatedPciDevice(virtio_spec, model)
+    try:
+        device.bar_memory(0)[0:0x20] = bytes(range(1, 0x21))
+        handlers = device.region_handlers(0, 0x4000)
+        assert handlers is not None
+        read = handlers[0]
+        assert read(0, 8) == bytes(range(1, 9))
+        assert read(0x14, 4) == bytes(range(0x15, 0x19))
+        assert read(0x0C, 8) == bytes(8)  # overlaps the register: the model's answer
+        assert read(0x13, 1) == bytes(1)
+        assert model.asked == [(0x0C, 8), (0x13, 1)]
+    finally:
+        device.close()
+    every = _Registers(None)
+    device = EmulatedPciDevice(virtio_spec, every)
+    try:
+        handlers = device.region_handlers(0, 0x4000)
+        assert handlers is not None
+        handlers[0](0, 8)
+        assert every.asked == [(0, 8)]
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("computed", [[(0x3FFE, 4)], [(-4, 4)], [(0, 0)], [("a", 4)], 5])
+def test_a_bad_computed_reads_answer_is_refused(virtio_spec: DeviceSpec, computed: object) -> None:
+    with pytest.raises(DeviceSpecError, match=r"computed_reads\(0\)"):
+        EmulatedPciDevice(virtio_spec, _Registers(computed))
+
+
 def test_bound_bar_handlers_behave_as_read_and_write(virtio_device: EmulatedPciDevice) -> None:
     """A BAR's bound handlers read and write its memory, keep the PBA read-only and refuse
     accesses outside the BAR."""

@@ -295,33 +295,56 @@ class Session:
     # -- reading and framing -----------------------------------------------------------
 
     def _read_loop(self) -> None:
-        recvmsg, anc_space, framer = self._sock.recvmsg, self._anc_space, self._framer
+        recvmsg_into, anc_space, framer = self._sock.recvmsg_into, self._anc_space, self._framer
+        # One buffer for every read: the usual read is one whole command, taken from it as it
+        # is (nothing keeps it); anything else is copied out for the framer.
+        buffer = bytearray(_RECV_SIZE)
+        buffers = [buffer]
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
         table, fast = self._table, self._fast
+        # The reply path of ``Sender.send``, written out here: it is every command's.
+        write, fd, sender = os.write, self._fd, self._sender
+        acquire, release, finish, failed = (
+            sender.lock.acquire,
+            sender.lock.release,
+            sender.finish,
+            sender.failed,
+        )
         while not self._closing:
             try:
-                data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, anc_space)
+                size, ancdata, msg_flags, _ = recvmsg_into(buffers, anc_space)
             except InterruptedError:
                 continue
             except OSError as exc:
                 self._end(f"receive failed: {exc}")
                 return
-            if not ancdata and not msg_flags and len(data) >= HEADER_SIZE and framer.idle:
+            if not ancdata and not msg_flags and size >= HEADER_SIZE and framer.idle:
                 # The usual read: exactly one whole command, no fds (none dropped either).
-                msg_id, command, size, flags, _ = unpack(data)
-                if size == len(data) and not flags & _TYPE_MASK:
+                msg_id, command, length, flags, _ = unpack(buffer)
+                if length == size and not flags & _TYPE_MASK:
                     self.requests += 1
                     hot = fast.get(command)  # the hottest commands, without a payload view
                     if hot is not None:
                         try:
-                            hot(msg_id, flags, data, HEADER_SIZE)
+                            reply = hot(msg_id, flags, buffer, HEADER_SIZE, size)
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
+                            continue
+                        if reply is not None:
+                            acquire()
+                            try:
+                                sent = write(fd, reply)
+                                if sent < len(reply):
+                                    finish(reply, sent)
+                            except OSError as exc:
+                                failed(exc)
+                            finally:
+                                release()
                         continue
                     handler = table[command] if command < _TABLE_SIZE else self._fallback
                     try:
-                        handler(msg_id, flags, memoryview(data)[HEADER_SIZE:], [])
+                        handler(msg_id, flags, memoryview(bytes(buffer[HEADER_SIZE:size])), [])
                     except Exception as exc:
                         self._refuse(exc, msg_id, command, flags)
                     else:
@@ -329,7 +352,7 @@ class Session:
                             invalidate()
                     table = self._table  # VERSION negotiated: the whole table from now on
                     continue
-            if self._take(data, ancdata, msg_flags):
+            if self._take(bytes(memoryview(buffer)[:size]), ancdata, msg_flags):
                 self._pump()
                 table = self._table
         self._pump()  # what the client sent before its EOF still runs

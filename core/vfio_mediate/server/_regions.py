@@ -40,8 +40,11 @@ _RW_REPLY_SIZE = HEADER_SIZE + REGION_RW.size
 _MSG_ID = struct.Struct("<H")
 _RW_SIZE = REGION_RW.size
 _unpack_rw, _pack_reply = REGION_RW.unpack_from, REPLY_RW.pack
-_Message = bytes | memoryview
-MessageHandler = Callable[[int, int, _Message, int], None]
+_Message = bytes | bytearray | memoryview
+MessageHandler = Callable[[int, int, _Message, int, int], bytes | bytearray | None]
+"""``handler(msg_id, flags, message, start, end)``: one command whose payload is ``message``
+from ``start`` to ``end``; returns the reply for the caller to send (``None``: nothing to
+send). ``message`` may be the engine's receive buffer: it is not kept."""
 
 
 @final
@@ -90,8 +93,9 @@ class Regions(CommandGroup):
         }
 
     def message_handlers(self) -> dict[int, MessageHandler]:
-        """The commands the engine hands over as read, as ``(msg_id, flags, message, start)``
-        with the payload at ``start`` of ``message``: region access and region info."""
+        """The commands the engine hands over as read, as ``(msg_id, flags, message, start,
+        end)`` with the payload at ``start:end`` of ``message``, and whose replies it sends
+        itself: region access and region info."""
         return {
             Command.REGION_READ: self.read_at,
             Command.REGION_WRITE: self.write_at,
@@ -118,15 +122,17 @@ class Regions(CommandGroup):
         )
 
     def _region_info(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        self.region_info_at(msg_id, flags, payload, 0)
+        reply = self.region_info_at(msg_id, flags, payload, 0, len(payload))
+        if reply is not None:
+            self._send(reply)
 
-    def region_info_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
-        """DEVICE_GET_REGION_INFO whose payload is ``message`` from ``start`` (see
-        ``read_at``)."""
-        if len(message) - start < REGION_INFO.size:
-            raise AccessError(
-                errno.EINVAL, f"GET_REGION_INFO payload of {len(message) - start} bytes"
-            )
+    def region_info_at(
+        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+    ) -> bytearray | None:
+        """DEVICE_GET_REGION_INFO whose payload is ``message[start:end]`` (see ``read_at``);
+        a reply with an fd is sent here."""
+        if end - start < REGION_INFO.size:
+            raise AccessError(errno.EINVAL, f"GET_REGION_INFO payload of {end - start} bytes")
         argsz, _, index, _, _, _ = REGION_INFO.unpack_from(message, start)
         if argsz < REGION_INFO.size:
             raise AccessError(errno.EINVAL, f"GET_REGION_INFO argsz {argsz} < 32")
@@ -134,20 +140,19 @@ class Regions(CommandGroup):
         if reply is None:
             reply = self._replies[index] = self._build_reply(index)
         if flags & NO_REPLY:
-            return
+            return None
         full = reply.full
         if len(full) - HEADER_SIZE > argsz:
             _MSG_ID.pack_into(reply.short, 0, msg_id)
-            self._send(reply.short)
-            return
+            return reply.short
         _MSG_ID.pack_into(full, 0, msg_id)
         if reply.fd < 0:
-            self._send(full)
-            return
+            return full
         self._send(full, (reply.fd,))
         if reply.areas:
             self.mapped_areas.setdefault(index, set()).update(reply.areas)
             reply.areas = set()  # recorded once: the endpoint's record only grows
+        return None
 
     def _build_reply(self, index: int) -> _Reply:
         info = self.device.region_info(index)
@@ -203,35 +208,43 @@ class Regions(CommandGroup):
     # -- region access (the hot path: no validation beyond bounds, no formatting) -------
 
     def _region_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        self.read_at(msg_id, flags, payload, 0)
+        reply = self.read_at(msg_id, flags, payload, 0, len(payload))
+        if reply is not None:
+            self._send(reply)
 
-    def read_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
-        """REGION_READ whose payload is ``message`` from ``start``: the engine's path for a
-        whole message read alone, its header left in front (no payload view is built)."""
-        if len(message) - start < _RW_SIZE:
-            raise AccessError(errno.EINVAL, f"REGION_READ payload of {len(message) - start} bytes")
+    def read_at(
+        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+    ) -> bytes | None:
+        """REGION_READ whose payload is ``message[start:end]``: the engine's path for a whole
+        message read alone, its header left in front (no payload view is built); the reply,
+        or ``None`` for a command that wants none."""
+        if end - start < _RW_SIZE:
+            raise AccessError(errno.EINVAL, f"REGION_READ payload of {end - start} bytes")
         offset, index, count = _unpack_rw(message, start)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"read of {count} bytes")
         entry = self.device.region_handlers.get(index)
         data = self._read(index, offset, count) if entry is None else entry[1](offset, count)
-        if not flags & NO_REPLY:
-            size = len(data)
-            self._send(
-                _pack_reply(msg_id, _READ, _RW_REPLY_SIZE + size, REPLY, 0, offset, index, size)
-                + data
-            )
+        if flags & NO_REPLY:
+            return None
+        size = len(data)
+        return (
+            _pack_reply(msg_id, _READ, _RW_REPLY_SIZE + size, REPLY, 0, offset, index, size) + data
+        )
 
     def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        self.write_at(msg_id, flags, payload, 0)
+        reply = self.write_at(msg_id, flags, payload, 0, len(payload))
+        if reply is not None:
+            self._send(reply)
 
-    def write_at(self, msg_id: int, flags: int, message: _Message, start: int) -> None:
-        """REGION_WRITE whose payload is ``message`` from ``start`` to its end (see
-        ``read_at``)."""
-        if len(message) - start < _RW_SIZE:
-            raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {len(message) - start} bytes")
+    def write_at(
+        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+    ) -> bytes | None:
+        """REGION_WRITE whose payload is ``message[start:end]`` (see ``read_at``)."""
+        if end - start < _RW_SIZE:
+            raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {end - start} bytes")
         offset, index, count = _unpack_rw(message, start)
-        data = message[start + _RW_SIZE :]
+        data = message[start + _RW_SIZE : end]
         if type(data) is not bytes:
             data = bytes(data)
         if count > self._max_count:
@@ -242,10 +255,9 @@ class Regions(CommandGroup):
         written = self._write(index, offset, data) if entry is None else entry[2](offset, data)
         if self._replies:
             self._replies.clear()  # what the mediator answers may change with any write
-        if not flags & NO_REPLY:
-            self._send(
-                _pack_reply(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)
-            )
+        if flags & NO_REPLY:
+            return None
+        return _pack_reply(msg_id, _WRITE, _RW_REPLY_SIZE, REPLY, 0, offset, index, written)
 
     def _write_multi(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
         if len(payload) < WRITE_MULTI_COUNT.size:

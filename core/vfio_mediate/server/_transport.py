@@ -170,6 +170,18 @@ class Sender:
             _TIMEVAL.pack(seconds, int((timeout - seconds) * 1_000_000)),
         )
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock every send holds. A caller that writes a message itself (the session's
+        own reply path, without the call of ``send``) holds it, writes with ``os.write`` on
+        ``fd``, and calls ``finish`` after a partial write and ``failed`` on an error."""
+        return self._lock
+
+    @property
+    def fd(self) -> int:
+        """The socket's fd."""
+        return self._fd
+
     def send(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> None:
         """Send one message with ``fds``; waits while the client's socket is full."""
         self._acquire()
@@ -184,16 +196,24 @@ class Sender:
                 sent = _write(self._fd, data)
             if sent < len(data):
                 self._sendall(memoryview(data)[sent:])
-        except BlockingIOError:
-            self._fail(f"the client read no reply for {self._timeout} s")
         except OSError as exc:
-            self._fail(f"send failed: {exc}")
+            self.failed(exc)
         finally:
             self._release()
 
-    def _fail(self, reason: str) -> None:
+    def finish(self, data: bytes | bytearray, sent: int) -> None:
+        """Send what a write of ``data`` left after its first ``sent`` bytes (lock held)."""
+        self._sendall(memoryview(data)[sent:])
+
+    def failed(self, exc: OSError) -> None:
+        """A send failed with ``exc`` (lock held): send nothing more, and report it once."""
+        if self._broken:
+            return
         self._broken = True
-        self._on_error(reason)
+        if isinstance(exc, BlockingIOError):
+            self._on_error(f"the client read no reply for {self._timeout} s")
+        else:
+            self._on_error(f"send failed: {exc}")
 
     def close(self) -> None:
         """Send nothing more."""

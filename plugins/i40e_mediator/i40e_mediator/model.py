@@ -308,6 +308,12 @@ class I40eVf:
                 areas.append((page, r.PAGE_SIZE))
         return areas
 
+    def computed_reads(self, bar: int) -> list[tuple[int, int]]:
+        """The registers whose reads are computed (the rest of BAR0 reads its memory)."""
+        if bar != r.BAR0:
+            return []
+        return [(offset, r.REGISTER_SIZE) for offset in self._reader_offsets]
+
     def bar_read(self, bar: int, offset: int, count: int) -> bytes | None:
         """A register read: computed for the registers that have a reader, else memory."""
         if bar != r.BAR0:
