@@ -299,7 +299,7 @@ class Session:
         # One buffer for every read: the usual read is one whole command, taken from it as it
         # is (nothing keeps it); anything else is copied out for the framer.
         buffer = bytearray(_RECV_SIZE)
-        buffers = [buffer]
+        buffers, view = [buffer], memoryview(buffer)
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
         table, fast = self._table, self._fast
@@ -327,7 +327,7 @@ class Session:
                     hot = fast.get(command)  # the hottest commands, without a payload view
                     if hot is not None:
                         try:
-                            reply = hot(msg_id, flags, buffer, HEADER_SIZE, size)
+                            reply = hot(msg_id, flags, view, HEADER_SIZE, size)
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
                             continue
@@ -344,7 +344,7 @@ class Session:
                         continue
                     handler = table[command] if command < _TABLE_SIZE else self._fallback
                     try:
-                        handler(msg_id, flags, memoryview(bytes(buffer[HEADER_SIZE:size])), [])
+                        handler(msg_id, flags, memoryview(view[HEADER_SIZE:size].tobytes()), [])
                     except Exception as exc:
                         self._refuse(exc, msg_id, command, flags)
                     else:
@@ -352,7 +352,7 @@ class Session:
                             invalidate()
                     table = self._table  # VERSION negotiated: the whole table from now on
                     continue
-            if self._take(bytes(memoryview(buffer)[:size]), ancdata, msg_flags):
+            if self._take(view[:size].tobytes(), ancdata, msg_flags):
                 self._pump()
                 table = self._table
         self._pump()  # what the client sent before its EOF still runs

@@ -40,11 +40,10 @@ _RW_REPLY_SIZE = HEADER_SIZE + REGION_RW.size
 _MSG_ID = struct.Struct("<H")
 _RW_SIZE = REGION_RW.size
 _unpack_rw, _pack_reply = REGION_RW.unpack_from, REPLY_RW.pack
-_Message = bytes | bytearray | memoryview
-MessageHandler = Callable[[int, int, _Message, int, int], bytes | bytearray | None]
+MessageHandler = Callable[[int, int, memoryview, int, int], bytes | bytearray | None]
 """``handler(msg_id, flags, message, start, end)``: one command whose payload is ``message``
 from ``start`` to ``end``; returns the reply for the caller to send (``None``: nothing to
-send). ``message`` may be the engine's receive buffer: it is not kept."""
+send). ``message`` may be a view of the engine's receive buffer: it is not kept."""
 
 
 @final
@@ -127,7 +126,7 @@ class Regions(CommandGroup):
             self._send(reply)
 
     def region_info_at(
-        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+        self, msg_id: int, flags: int, message: memoryview, start: int, end: int
     ) -> bytearray | None:
         """DEVICE_GET_REGION_INFO whose payload is ``message[start:end]`` (see ``read_at``);
         a reply with an fd is sent here."""
@@ -213,7 +212,7 @@ class Regions(CommandGroup):
             self._send(reply)
 
     def read_at(
-        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+        self, msg_id: int, flags: int, message: memoryview, start: int, end: int
     ) -> bytes | None:
         """REGION_READ whose payload is ``message[start:end]``: the engine's path for a whole
         message read alone, its header left in front (no payload view is built); the reply,
@@ -238,19 +237,19 @@ class Regions(CommandGroup):
             self._send(reply)
 
     def write_at(
-        self, msg_id: int, flags: int, message: _Message, start: int, end: int
+        self, msg_id: int, flags: int, message: memoryview, start: int, end: int
     ) -> bytes | None:
         """REGION_WRITE whose payload is ``message[start:end]`` (see ``read_at``)."""
         if end - start < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_WRITE payload of {end - start} bytes")
         offset, index, count = _unpack_rw(message, start)
-        data = message[start + _RW_SIZE : end]
-        if type(data) is not bytes:
-            data = bytes(data)
         if count > self._max_count:
             raise AccessError(errno.E2BIG, f"write of {count} bytes")
-        if count != len(data):
-            raise AccessError(errno.EINVAL, f"write of {count} bytes carries {len(data)}")
+        if count != end - start - _RW_SIZE:
+            raise AccessError(
+                errno.EINVAL, f"write of {count} bytes carries {end - start - _RW_SIZE}"
+            )
+        data = message[start + _RW_SIZE : end].tobytes()
         entry = self.device.region_handlers.get(index)
         written = self._write(index, offset, data) if entry is None else entry[2](offset, data)
         if self._replies:
