@@ -13,6 +13,7 @@ it runs on one CPU (``--spread``: wherever the scheduler puts it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ while True:
             sys.exit(0)
         got += chunk
     conn.sendall(reply)
+"""
+
+LOAD_WORKER = """
+import hashlib, os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+if sys.argv[2] == "hash":  # memory traffic: a 16 MiB buffer hashed over and over
+    data = os.urandom(16 << 20)
+    while True:
+        hashlib.sha256(data).digest()
+while True:  # the interpreter alone
+    pass
 """
 
 STARTUP_TIMEOUT = 30.0
@@ -135,6 +147,34 @@ def start_peer(peer: Path, path: Path) -> subprocess.Popen[bytes]:
 def one_cpu() -> int:
     """The CPU the measurements run on: the last one this process may use."""
     return max(os.sched_getaffinity(0))
+
+
+def load_cpus(cpu: int | None) -> list[int]:
+    """Where the load of a loaded measurement runs: every CPU but the measured one (the
+    measured one itself when there is no other)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    others = [other for other in allowed if other != cpu]
+    return others or allowed
+
+
+@contextlib.contextmanager
+def busy_load(workers: int, cpus: list[int]) -> Iterator[list[int]]:
+    """``workers`` busy processes spread over ``cpus`` (the interpreter spinning, and SHA-256
+    over 16 MiB, in turn) while the block runs; yields the CPU of each."""
+    placed = [cpus[number % len(cpus)] for number in range(workers)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_WORKER, str(where), "hash" if number % 2 else "spin"]
+        )
+        for number, where in enumerate(placed)
+    ]
+    try:
+        time.sleep(0.5)  # every worker running before the first slice
+        yield placed
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def measurements(rounds: int, peer: Path | None, cpu: int | None = None) -> dict[str, Any]:

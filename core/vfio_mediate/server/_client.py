@@ -39,6 +39,7 @@ from ._codec import (
     FEATURE_MIG_DATA_SIZE,
     FEATURE_MIG_STATE,
     FEATURE_MIGRATION,
+    HEADER,
     HEADER_SIZE,
     IRQ_INFO,
     IRQ_SET,
@@ -140,6 +141,8 @@ class VfioUserClient:
         self._anc_space = socket.CMSG_SPACE(MAX_MSG_FDS * FD_SIZE)
         limit = HEADER_SIZE + 64 + max(max_data_xfer_size, DEFAULT_MAX_DATA_XFER_SIZE)
         self._framer = Framer(limit, MAX_MSG_FDS)
+        self._buffer = bytearray(_RECV_SIZE)
+        self._buffers, self._view = [self._buffer], memoryview(self._buffer)
         self._decoded: dict[int, tuple[bytes, RegionInfo, int]] = {}
         self._region_fds: dict[int, int] = {}
         self._local: list[_LocalMemory] = []
@@ -225,15 +228,20 @@ class VfioUserClient:
 
     def _fill(self) -> None:
         """One read into the framer (blocking up to the timeout: ``TimeoutError``)."""
+        size, ancdata = self._read()
+        self._framer.feed(self._view[:size].tobytes(), received_fds(ancdata) if ancdata else [])
+
+    def _read(self) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """One read into the receive buffer: its size and ancillary data."""
         try:
-            data, ancdata, _, _ = self.sock.recvmsg(_RECV_SIZE, self._anc_space)
+            size, ancdata, _, _ = self.sock.recvmsg_into(self._buffers, self._anc_space)
         except BlockingIOError:
             raise TimeoutError("no message from the server in time") from None
         except ConnectionResetError as exc:
             raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
-        if not data:
+        if not size:
             raise ProtocolError("the server closed the connection")
-        self._framer.feed(data, received_fds(ancdata) if ancdata else [])
+        return size, ancdata
 
     def receive(self) -> Message:
         """The next message, whatever it is (raises ``ProtocolError`` at EOF)."""
@@ -275,6 +283,21 @@ class VfioUserClient:
         codec."""
         self.send_raw(request)
         framer = self._framer
+        if framer.idle:
+            # The usual read: exactly the reply, without fds; anything else is the framer's.
+            size, ancdata = self._read()
+            if not ancdata and size >= HEADER_SIZE:
+                reply_id, reply_command, length, flags, error = HEADER.unpack_from(self._buffer)
+                if (
+                    length == size
+                    and reply_id == msg_id
+                    and reply_command == command
+                    and flags & TYPE_MASK == _REPLY
+                ):
+                    if flags & _ERROR:
+                        raise _refused(command, error)
+                    return memoryview(self._view[HEADER_SIZE:size].tobytes()), []
+            framer.feed(self._view[:size].tobytes(), received_fds(ancdata) if ancdata else [])
         while True:
             frame = framer.next()
             if frame is None:
