@@ -82,6 +82,27 @@ _INFO = int(Command.DEVICE_GET_REGION_INFO)
 _INFO_REQUEST = struct.Struct("<HHIIIIII")
 """A region info request's header and the first three fields of its payload."""
 _INFO_TAIL = bytes(REGION_INFO.size - 12)
+_KIND_AND_ERROR = TYPE_MASK | int(HeaderFlag.ERROR)
+_unpack_header = HEADER.unpack_from
+_unpack_rw, _RW_SIZE = REGION_RW.unpack_from, REGION_RW.size
+
+
+def _send_failure(exc: OSError) -> Exception:
+    """What a failed send tells the caller."""
+    if isinstance(exc, BlockingIOError):
+        return TimeoutError("the server takes nothing more in time")
+    if isinstance(exc, BrokenPipeError | ConnectionResetError):
+        return ProtocolError(f"the server closed the connection ({exc.strerror})")
+    return exc
+
+
+def _receive_failure(exc: OSError) -> Exception:
+    """What a failed receive tells the caller."""
+    if isinstance(exc, BlockingIOError):
+        return TimeoutError("no message from the server in time")
+    if isinstance(exc, ConnectionResetError):
+        return ProtocolError(f"the server closed the connection ({exc.strerror})")
+    return exc
 
 
 def _refused(command: int, code: int) -> AccessError:
@@ -214,10 +235,8 @@ class VfioUserClient:
                     self.sock.sendall(memoryview(data)[sent:])
             else:
                 self.sock.sendall(data)
-        except BlockingIOError:
-            raise TimeoutError("the server takes nothing more in time") from None
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
+        except OSError as exc:
+            raise _send_failure(exc) from None
 
     def _set_timeouts(self, timeout: float | None) -> None:
         seconds = 0.0 if timeout is None else max(timeout, 1e-6)
@@ -235,10 +254,8 @@ class VfioUserClient:
         """One read into the receive buffer: its size and ancillary data."""
         try:
             size, ancdata, _, _ = self.sock.recvmsg_into(self._buffers, self._anc_space)
-        except BlockingIOError:
-            raise TimeoutError("no message from the server in time") from None
-        except ConnectionResetError as exc:
-            raise ProtocolError(f"the server closed the connection ({exc.strerror})") from None
+        except OSError as exc:
+            raise _receive_failure(exc) from None
         if not size:
             raise ProtocolError("the server closed the connection")
         return size, ancdata
@@ -282,22 +299,55 @@ class VfioUserClient:
         caller's), serving the server's commands meanwhile: nothing on the way beyond the
         codec."""
         self.send_raw(request)
-        framer = self._framer
-        if framer.idle:
-            # The usual read: exactly the reply, without fds; anything else is the framer's.
+        if self._framer.idle:
             size, ancdata = self._read()
-            if not ancdata and size >= HEADER_SIZE:
-                reply_id, reply_command, length, flags, error = HEADER.unpack_from(self._buffer)
-                if (
-                    length == size
-                    and reply_id == msg_id
-                    and reply_command == command
-                    and flags & TYPE_MASK == _REPLY
-                ):
-                    if flags & _ERROR:
-                        raise _refused(command, error)
-                    return memoryview(self._view[HEADER_SIZE:size].tobytes()), []
-            framer.feed(self._view[:size].tobytes(), received_fds(ancdata) if ancdata else [])
+            if not ancdata and self._is_reply(size, msg_id, command):
+                return memoryview(self._view[HEADER_SIZE:size].tobytes()), []
+            self._framer.feed(self._view[:size].tobytes(), received_fds(ancdata) if ancdata else [])
+        return self._await_reply(msg_id, command)
+
+    def _transact(self, request: bytes, msg_id: int, command: int) -> memoryview:
+        """``_exchange`` of a command whose reply brings no fds; the payload may be a view of
+        the receive buffer, valid up to the next call."""
+        sock = self.sock
+        try:
+            sent = sock.send(request)
+        except OSError as exc:
+            raise _send_failure(exc) from None
+        if sent < len(request):
+            self.send_raw(memoryview(request)[sent:])
+        if self._framer.idle:
+            # A plain recv (cheaper than recvmsg): an fd a server sent anyway is closed by
+            # the kernel.
+            try:
+                size = sock.recv_into(self._buffer)
+            except OSError as exc:
+                raise _receive_failure(exc) from None
+            if not size:
+                raise ProtocolError("the server closed the connection")
+            if self._is_reply(size, msg_id, command):
+                return self._view[HEADER_SIZE:size]
+            self._framer.feed(self._view[:size].tobytes(), [])
+        payload, fds = self._await_reply(msg_id, command)
+        if fds:
+            close_fds(fds)
+            raise ProtocolError(f"reply to command {command} brought fds")
+        return payload
+
+    def _is_reply(self, size: int, msg_id: int, command: int) -> bool:
+        """Whether the ``size`` bytes in the receive buffer are exactly the successful reply
+        to ``msg_id`` (the usual read); otherwise they are the framer's."""
+        if size < HEADER_SIZE:
+            return False
+        reply_id, reply_command, length, flags, _ = _unpack_header(self._buffer)
+        if length != size or reply_id != msg_id or reply_command != command:
+            return False
+        return flags & _KIND_AND_ERROR == _REPLY  # type: ignore[no-any-return]
+
+    def _await_reply(self, msg_id: int, command: int) -> tuple[memoryview, list[int]]:
+        """The reply to ``msg_id`` through the framer, serving the server's commands
+        meanwhile."""
+        framer = self._framer
         while True:
             frame = framer.next()
             if frame is None:
@@ -317,14 +367,6 @@ class VfioUserClient:
                 close_fds(fds)
                 raise _refused(command, error)
             return payload, fds
-
-    def _transact(self, request: bytes, msg_id: int, command: int) -> memoryview:
-        """``_exchange`` of a command whose reply brings no fds."""
-        payload, fds = self._exchange(request, msg_id, command)
-        if fds:
-            close_fds(fds)
-            raise ProtocolError(f"reply to command {command} brought fds")
-        return payload
 
     def wait_reply(self, msg_id: int) -> Message:
         """Read until the reply to ``msg_id``, serving server commands on the way."""
@@ -519,12 +561,12 @@ class VfioUserClient:
         msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
         request = _RW_REQUEST.pack(msg_id, _READ, _RW_REQUEST_SIZE, 0, 0, offset, index, count)
         reply = self._transact(request, msg_id, _READ)
-        if len(reply) < REGION_RW.size:
+        if len(reply) < _RW_SIZE:
             raise ProtocolError(f"REGION_READ reply of {len(reply)} bytes")
-        _, _, got = REGION_RW.unpack_from(reply)
-        if got > count or len(reply) != REGION_RW.size + got:
+        _, _, got = _unpack_rw(reply)
+        if got > count or len(reply) != _RW_SIZE + got:
             raise ProtocolError(f"REGION_READ of {count} bytes answered with {got}")
-        return reply[REGION_RW.size :].tobytes()
+        return reply[_RW_SIZE:].tobytes()
 
     def write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> int:
         """REGION_WRITE; ``posted`` sends it without waiting (no reply, errors unseen)."""
@@ -536,9 +578,9 @@ class VfioUserClient:
         size = _RW_REQUEST_SIZE + len(data)
         request = _RW_REQUEST.pack(msg_id, _WRITE, size, 0, 0, offset, index, len(data)) + data
         reply = self._transact(request, msg_id, _WRITE)
-        if len(reply) < REGION_RW.size:
+        if len(reply) < _RW_SIZE:
             raise ProtocolError(f"REGION_WRITE reply of {len(reply)} bytes")
-        return int(REGION_RW.unpack_from(reply)[2])
+        return int(_unpack_rw(reply)[2])
 
     def write_multiple(
         self, writes: Sequence[tuple[int, int, bytes]], *, posted: bool = True
