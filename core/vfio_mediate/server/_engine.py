@@ -1,13 +1,17 @@
 """The engine of one vfio-user connection: reading, framing, dispatching, lifetime.
 
-Threads. Each session runs on a thread of its own: a blocking ``recvmsg``, then the commands
-it brought, in arrival order, each through a handler table built once (indexed by command
-number; the table before VERSION answers only VERSION). Nothing a session waits for holds up
-another device: its reads, its replies to a client that does not read, and its device's DMA
-by messages block only its own thread. Devices share the interpreter: a session gives it up
-while it waits on its socket, and one that runs pipelined commands (many in one read) pauses
-every ``_TURN`` seconds, so one device's client holds the others up for a few milliseconds at
-most.
+Threads. Each session runs on a thread of its own: a blocking ``recvmsg_into`` into one
+buffer, then the commands it brought, in arrival order, each through a handler table built once
+(indexed by command number; the table before VERSION answers only VERSION). A read that is one
+whole region access or region info command (the usual read) goes to its handler as it lies in
+the buffer, and the read loop writes the reply itself, under the sender's lock: no payload
+copy, no framer, no call of ``Sender.send`` on the path every access takes.
+
+Nothing a session waits for holds up another device: its reads, its replies to a client that
+does not read, and its device's DMA by messages block only its own thread. Devices share the
+interpreter: a session gives it up while it waits on its socket, and one that runs pipelined
+commands (many in one read) pauses every ``_TURN`` seconds, so one device's client holds the
+others up for a few milliseconds at most.
 
 DMA by messages inside a command (a device model's DMA, in a region write, to memory mapped
 without an fd) waits for the client's reply on the session's thread, which reads the socket
