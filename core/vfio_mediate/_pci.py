@@ -387,11 +387,11 @@ class EmulatedPciDevice:
         # An aligned write of 1, 2 or 4 bytes is one cell of a view of that size, merged with
         # the cell's write mask (fixed once the device is built). The views and the data are
         # read in native order: the merge is bitwise, so any one order is the bytes' own.
-        wmask = memoryview(self._wmask)
+        whole, wmask = memoryview(config), memoryview(self._wmask)
         views = {
-            1: (memoryview(config).cast("B"), wmask.cast("B"), struct.Struct("=B").unpack),
-            2: (memoryview(config).cast("H"), wmask.cast("H"), struct.Struct("=H").unpack),
-            4: (memoryview(config).cast("I"), wmask.cast("I"), struct.Struct("=I").unpack),
+            1: (whole.cast("B"), wmask.cast("B"), struct.Struct("=B").unpack),
+            2: (whole.cast("H"), wmask.cast("H"), struct.Struct("=H").unpack),
+            4: (whole.cast("I"), wmask.cast("I"), struct.Struct("=I").unpack),
         }
         # Per size, per offset written so far that takes the short path: its cell.
         spots: dict[int, dict[int, tuple[memoryview, int, int, int, Any]]] = {
@@ -401,7 +401,7 @@ class EmulatedPciDevice:
         def read_config(offset: int, count: int) -> bytes:
             if offset < 0 or count <= 0 or offset + count > size:
                 raise out_of_range(index, offset, count, size)
-            return bytes(config[offset : offset + count])
+            return whole[offset : offset + count].tobytes()
 
         def first_write(offset: int, data: bytes) -> int:
             end = offset + len(data)
