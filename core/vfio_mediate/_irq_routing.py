@@ -18,10 +18,11 @@ logger = logging.getLogger(__name__)
 
 @final
 class IrqRouting:
-    """Sets a device's interrupt triggers. A backend with ``direct_irqs`` (a device bound to
-    vfio-pci) gets a client's eventfds as eventfds, so the kernel signals them and no Python
-    runs, except for the vectors the winner observes (``mediator_irq_observe``): those get a
-    relay that calls ``mediator_irq`` first. Other backends get the triggers as they are."""
+    """Sets a device's interrupt triggers. The vectors the winner observes
+    (``mediator_irq_observe``) get a relay that calls ``mediator_irq`` first, on whatever
+    backend. A backend with ``direct_irqs`` (a device bound to vfio-pci) gets a client's
+    eventfds for the other vectors as eventfds, so the kernel signals them and no Python runs;
+    other backends get the other triggers as they are."""
 
     def __init__(self, name: str, backend: DeviceBackend, winner: WinningMediator | None) -> None:
         self.name = name
@@ -30,12 +31,11 @@ class IrqRouting:
 
     def set_triggers(self, index: int, start: int, triggers: Sequence[Trigger | None]) -> None:
         """Set (or with ``None`` unset) the triggers of vectors ``start`` onward."""
-        if not self.backend.direct_irqs:
-            self.backend.set_irq_triggers(index, start, triggers)
-            return
         observed = self._observed(index)
-        if all(t is None or hasattr(t, "fileno") for t in triggers) and not observed.intersection(
-            range(start, start + len(triggers))
+        if (
+            self.backend.direct_irqs
+            and all(t is None or hasattr(t, "fileno") for t in triggers)
+            and not observed.intersection(range(start, start + len(triggers)))
         ):
             fds = [-1 if t is None else t.fileno() for t in triggers]  # type: ignore[attr-defined]
             self.backend.set_irq_eventfds(index, start, fds)

@@ -36,10 +36,10 @@ Lifecycle of a device:
 Threads: the hooks of one device are called one at a time (the device's lock), except two.
 ``mediator_rw`` runs for every access a client makes, takes no lock, and may run from several
 threads at once and while any other hook of the same device runs (never across
-``mediator_release``); ``mediator_irq`` runs on an interrupt relay thread. Hooks of different
-devices run at the same time in different threads: per-device state lives in the handle, and
-whatever handles share needs a lock. Thread-safe, to call from any thread (a device model's
-too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
+``mediator_release``); ``mediator_irq`` runs on the thread that delivers an interrupt. Hooks of
+different devices run at the same time in different threads: per-device state lives in the
+handle, and whatever handles share needs a lock. Thread-safe, to call from any thread (a device
+model's too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
 ``dma.read``/``dma.write``.
 """
 
@@ -201,11 +201,12 @@ def mediator_irq_observe(handle: Any, index: int) -> Any:
     """Return the vectors of IRQ index ``index`` (INTX 0, MSI 1, MSIX 2, ...) whose interrupts
     this mediator must see (an iterable of ints), or ``None`` for none.
 
-    Asked whenever a client routes vectors of ``index``. A vector not returned goes straight
-    from the device to the client's eventfd (for a device bound to vfio-pci the kernel signals
-    it and no Python runs); an observed one is relayed: each interrupt calls ``mediator_irq``
-    first, then reaches the client. Refuse with ``OSError`` and an errno; any other exception,
-    or a result that is not vector numbers, breaks ``access-errors``.
+    Asked whenever a client routes vectors of ``index``, whatever the device's backend. A vector
+    not returned goes straight from the device to the client's eventfd (for a device bound to
+    vfio-pci the kernel signals it and no Python runs); an observed one is relayed: each
+    interrupt calls ``mediator_irq`` first, then reaches the client. Refuse with ``OSError`` and
+    an errno; any other exception, or a result that is not vector numbers, breaks
+    ``access-errors``.
     """
 
 
@@ -213,8 +214,10 @@ def mediator_irq_observe(handle: Any, index: int) -> Any:
 def mediator_irq(handle: Any, index: int, vector: int) -> Any:
     """An observed vector fired (see ``mediator_irq_observe``). Return ``False`` to swallow the
     interrupt (the client does not see it); anything else forwards it. Keep it short: it runs
-    on the relay thread, once per interrupt, concurrently with the device's other hooks. An
-    exception is logged and the interrupt forwarded (``access-errors``).
+    once per interrupt, on the thread that delivers it (for a device bound to vfio-pci a relay
+    thread, for an emulated one the thread its model raised the interrupt on), concurrently
+    with the device's other hooks. An exception is logged and the interrupt forwarded
+    (``access-errors``).
     """
 
 

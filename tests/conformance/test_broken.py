@@ -25,6 +25,7 @@ CAUGHT_BY: dict[str, tuple[str, Rule]] = {
     "declines-with-false": ("test_open_result", Rule.OPEN_RESULT),
     "dirty-reads-oracle": ("test_dirty_logging_lifecycle", Rule.DIRTY_LOGGING),
     "hook-name-typo": ("load", Rule.HOOK_SIGNATURE),
+    "irq-observes-absent-vectors": ("test_interrupt_routing", Rule.ACCESS_ERRORS),
     "core-import-late": ("test_does_not_import_the_core", Rule.NO_CORE_IMPORT),
     "device-regions-unmappable": ("test_device_regions_valid", Rule.DEVICE_REGIONS_VALID),
     "dirty-misses": ("test_dirty_logging_reports_device_writes", Rule.DIRTY_LOGGING),

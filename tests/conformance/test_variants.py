@@ -19,12 +19,14 @@ from suite_runs import SAMPLE, VARIANTS, SuiteRun
         "sample-typed",
         # A shadow of registers in the handle, which the device may change under.
         "sample-handle-shadow",
+        # Interrupts of an observed vector swallowed, every other one.
+        "sample-irq-swallows",
     ],
 )
 def test_a_mediator_that_keeps_every_rule_its_own_way_passes(
     suite_on: Callable[..., SuiteRun], name: str
 ) -> None:
-    run = suite_on("sample-typed", "sample-handle-shadow")
+    run = suite_on("sample-typed", "sample-handle-shadow", "sample-irq-swallows")
     outcomes = run.of(name)
     assert outcomes, run.output[-3000:]
     assert {outcome.kind for outcome in outcomes.values()} == {"passed"}, outcomes

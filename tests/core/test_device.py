@@ -19,7 +19,7 @@ from vfio_mediate import (
     MediatorRegistry,
     MigrationError,
 )
-from vfio_mediate.uapi import MigrationState, RegionFlag, RegionIndex
+from vfio_mediate.uapi import IrqIndex, MigrationState, RegionFlag, RegionIndex
 
 hookimpl = pluggy.HookimplMarker("vfio_mediate")
 S = MigrationState
@@ -482,3 +482,47 @@ def test_flags_changed_after_open_take_effect(virtio_device: EmulatedPciDevice) 
         with pytest.raises(AccessError, match="does not allow write"):
             device.write(0, 0, b"\x02")
         assert device.read(0, 0, 1) == b"\x01"
+
+
+class IrqObserver:
+    """Observes MSI-X vector 1 and swallows its first interrupt."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, str]] = []
+
+    @hookimpl
+    def mediator_open(self, device: Any) -> Any:
+        return self
+
+    @hookimpl
+    def mediator_irq_observe(self, handle: Any, index: int) -> Any:
+        return [1] if index == IrqIndex.MSIX else None
+
+    @hookimpl
+    def mediator_irq(self, handle: Any, index: int, vector: int) -> Any:
+        self.seen.append((index, vector, threading.current_thread().name))
+        return len(self.seen) > 1
+
+
+def test_an_observed_vector_of_an_emulated_device_goes_through_the_mediator(
+    virtio_device: EmulatedPciDevice,
+) -> None:
+    """Interrupt routing is the same contract on every backend: an observed vector reaches
+    ``mediator_irq`` first (on the thread that raised it), which may swallow it; the others go
+    straight to the client's trigger."""
+    registry = MediatorRegistry()
+    observer = IrqObserver()
+    registry.register(observer, "observer")
+    device = MediatedDevice(virtio_device, registry)
+    fired: list[int] = []
+    with device:
+        device.set_irq_triggers(
+            IrqIndex.MSIX, 0, [lambda: fired.append(0), lambda: fired.append(1)]
+        )
+        raiser = threading.Thread(target=virtio_device.raise_msix, args=(1,), name="model")
+        raiser.start()
+        raiser.join()
+        virtio_device.raise_msix(1)
+        virtio_device.raise_msix(0)
+    assert observer.seen == [(IrqIndex.MSIX, 1, "model"), (IrqIndex.MSIX, 1, "MainThread")]
+    assert fired == [1, 0]  # the first interrupt of vector 1 swallowed

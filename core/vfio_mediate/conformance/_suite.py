@@ -8,6 +8,7 @@ its ``mediator_targets`` names, and fails with a message that starts with the br
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,8 +16,9 @@ import pytest
 
 from .._device import MediatedDevice
 from .._errors import MigrationError
+from .._pci import EmulatedPciDevice
 from .._rules import Rule
-from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, MigrationState, RegionFlag
+from ..uapi import PAGE_SIZE, PCI_NUM_REGIONS, IrqIndex, MigrationState, RegionFlag
 from ._capabilities import MediatorCapabilities
 from ._exercises import (
     GUEST_IOVA,
@@ -418,6 +420,57 @@ class TestConduct:
         printed = capfd.readouterr().out
         if printed:
             fail(Rule.QUIET, f"its hooks printed {describe(printed)}")
+
+    @checks(Rule.ACCESS_ERRORS)
+    def test_interrupt_routing(self, targets: Targets, rig: DeviceRig) -> None:
+        """Routing every MSI-X vector asks the mediator which it observes: vectors the device
+        has, or none (a refusal is an ``OSError`` with an errno). Then every vector the device
+        raises reaches the client, through ``mediator_irq`` first when it is observed."""
+        for target in targets:
+            with rig.opened(target, "irq") as device:
+                vectors = device.irq_info(IrqIndex.MSIX).count
+                if not vectors:
+                    continue
+                fired: list[int] = []
+                since = len(rig.recorder.calls)
+                try:
+                    device.set_irq_triggers(
+                        IrqIndex.MSIX,
+                        0,
+                        [functools.partial(fired.append, vector) for vector in range(vectors)],
+                    )
+                except OSError:
+                    continue  # refused, with an errno (the core checks that)
+                observed = {
+                    int(vector)
+                    for call in rig.recorder.of("mediator_irq_observe", since)
+                    for vector in call.result or ()
+                }
+                absent = sorted(vector for vector in observed if not 0 <= vector < vectors)
+                if absent:
+                    fail(
+                        Rule.ACCESS_ERRORS,
+                        f"{target}: mediator_irq_observe named MSI-X vector(s) {absent[:4]}, "
+                        f"which the device (with {vectors}) does not have",
+                    )
+                backend = device.backend
+                assert isinstance(backend, EmulatedPciDevice)  # the rig's devices are
+                for vector in range(vectors):
+                    backend.raise_msix(vector)
+                relayed = [call.args.get("vector") for call in rig.recorder.of("mediator_irq")]
+                lost = [
+                    vector
+                    for vector in range(vectors)
+                    if vector not in observed and fired.count(vector) != 1
+                ]
+                unasked = [vector for vector in observed if vector not in relayed]
+                if lost or unasked:
+                    fail(
+                        Rule.ACCESS_ERRORS,
+                        f"{target}: MSI-X vector(s) {lost[:4]} did not reach the client, "
+                        f"observed vector(s) {unasked[:4]} never reached mediator_irq",
+                    )
+                device.set_irq_triggers(IrqIndex.MSIX, 0, [None] * vectors)
 
     @checks(Rule.ISOLATION)
     def test_isolation(self, targets: Targets, rig: DeviceRig) -> None:

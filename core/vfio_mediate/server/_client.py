@@ -79,9 +79,8 @@ _RW_REQUEST = struct.Struct("<HHIIIQII")
 """A region read or write request's header and REGION_RW in one."""
 _RW_REQUEST_SIZE = _RW_REQUEST.size
 _INFO = int(Command.DEVICE_GET_REGION_INFO)
-_INFO_REQUEST = struct.Struct("<HHIIIIII")
-"""A region info request's header and the first three fields of its payload."""
-_INFO_TAIL = bytes(REGION_INFO.size - 12)
+_INFO_REQUEST = struct.Struct("<HHIIIIII20x")
+"""A region info request: its header and its payload's argsz, flags and index (the rest 0)."""
 _KIND_AND_ERROR = TYPE_MASK | int(HeaderFlag.ERROR)
 _unpack_header = HEADER.unpack_from
 _unpack_rw, _RW_SIZE = REGION_RW.unpack_from, REGION_RW.size
@@ -297,12 +296,12 @@ class VfioUserClient:
     def _exchange(self, request: bytes, msg_id: int, command: int) -> tuple[memoryview, list[int]]:
         """Send a whole command without fds and return its reply's payload and fds (now the
         caller's), serving the server's commands meanwhile: nothing on the way beyond the
-        codec."""
+        codec. The payload may be a view of the receive buffer, valid up to the next call."""
         self.send_raw(request)
         if self._framer.idle:
             size, ancdata = self._read()
             if not ancdata and self._is_reply(size, msg_id, command):
-                return memoryview(self._view[HEADER_SIZE:size].tobytes()), []
+                return self._view[HEADER_SIZE:size], []
             self._framer.feed(self._view[:size].tobytes(), received_fds(ancdata) if ancdata else [])
         return self._await_reply(msg_id, command)
 
@@ -485,10 +484,9 @@ class VfioUserClient:
     def region_info_raw(self, index: int, argsz: int) -> tuple[bytes, int | None]:
         """One GET_REGION_INFO with ``argsz``: the reply payload and the fd it brought (now the
         caller's)."""
-        msg_id = self.next_id()
-        size = HEADER_SIZE + REGION_INFO.size
-        request = _INFO_REQUEST.pack(msg_id, _INFO, size, 0, 0, argsz, 0, index)
-        payload, fds = self._exchange(request + _INFO_TAIL, msg_id, _INFO)
+        msg_id = self._next_id = (self._next_id + 1) & 0xFFFF
+        request = _INFO_REQUEST.pack(msg_id, _INFO, _INFO_REQUEST.size, 0, 0, argsz, 0, index)
+        payload, fds = self._exchange(request, msg_id, _INFO)
         if len(fds) > 1:
             close_fds(fds)
             raise ProtocolError(f"region info brought {len(fds)} fds")
