@@ -5,10 +5,10 @@ Run where a device is bound to vfio-pci (e.g. inside the nested guest of tests/v
     python benchmarks/bench_vfio.py 0000:01:10.0 [-n 20000] [--json]
 
 Measures a 4-byte config read and a 4-byte BAR0 read through ``VfioPciDevice`` and through
-``MediatedDevice`` (BAR0 mediated by a pass-through mediator: the trapped path) against a bare
-``os.pread`` of the VFIO device fd; and a read of a BAR0 word mapped by a vfio-user client (the
-device fd the server handed out in region info) against a read of the server's own mapping of
-the device fd. Each number is the best of 5 rounds, per access.
+``MediatedDevice`` (BAR0 mediated by ``bench_rw``'s pass-through mediator: the trapped path)
+against a bare ``os.pread`` of the VFIO device fd; and a read of a BAR0 word mapped by a
+vfio-user client (the device fd the server handed out in region info) against a read of the
+server's own mapping of the device fd. Each number is the best of 5 rounds, per access.
 """
 
 from __future__ import annotations
@@ -17,42 +17,24 @@ import argparse
 import json
 import mmap
 import os
+import sys
 import tempfile
-import timeit
 from pathlib import Path
 from typing import Any
 
-import pluggy
+sys.path.insert(0, str(Path(__file__).parent))  # run as a file (runpy) as well as a script
+
+from bench_rw import PassThrough, best_ns
 
 from vfio_mediate import MediatedDevice, MediatorRegistry, VfioPciDevice
-from vfio_mediate.server import BackgroundServer
-from vfio_mediate.server._client import VfioUserClient
+from vfio_mediate.server import BackgroundServer, VfioUserClient
 
-hookimpl = pluggy.HookimplMarker("vfio_mediate")
 CONFIG, BAR0 = 7, 0
-
-
-class PassThrough:
-    """Mediates BAR0 and passes every access through (a trapping mediator's floor)."""
-
-    @hookimpl
-    def mediator_open(self, device: Any) -> object:
-        return object()
-
-    @hookimpl
-    def mediator_regions(self, handle: Any) -> list[int]:
-        return [BAR0]
-
-    @hookimpl
-    def mediator_rw(
-        self, handle: Any, index: int, offset: int, count: int, data: Any, is_write: bool
-    ) -> None:
-        return None
 
 
 def best(call: Any, number: int) -> float:
     """Best of 5 rounds, in microseconds per call."""
-    return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
+    return best_ns(call, number) / 1000
 
 
 def run(address: str, number: int) -> dict[str, float]:
