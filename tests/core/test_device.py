@@ -9,6 +9,7 @@ from typing import Any
 
 import pluggy
 import pytest
+from irq_observer import IrqObserver
 
 from vfio_mediate import (
     AccessError,
@@ -482,26 +483,6 @@ def test_flags_changed_after_open_take_effect(virtio_device: EmulatedPciDevice) 
         with pytest.raises(AccessError, match="does not allow write"):
             device.write(0, 0, b"\x02")
         assert device.read(0, 0, 1) == b"\x01"
-
-
-class IrqObserver:
-    """Observes MSI-X vector 1 and swallows its first interrupt."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, int, str]] = []
-
-    @hookimpl
-    def mediator_open(self, device: Any) -> Any:
-        return self
-
-    @hookimpl
-    def mediator_irq_observe(self, handle: Any, index: int) -> Any:
-        return [1] if index == IrqIndex.MSIX else None
-
-    @hookimpl
-    def mediator_irq(self, handle: Any, index: int, vector: int) -> Any:
-        self.seen.append((index, vector, threading.current_thread().name))
-        return len(self.seen) > 1
 
 
 def test_an_observed_vector_of_an_emulated_device_goes_through_the_mediator(

@@ -84,9 +84,9 @@ class Regions(CommandGroup):
     def handlers(self) -> dict[int, Handler]:
         return {
             Command.DEVICE_GET_INFO: self._device_info,
-            Command.DEVICE_GET_REGION_INFO: self._region_info,
-            Command.REGION_READ: self._region_read,
-            Command.REGION_WRITE: self._region_write,
+            Command.DEVICE_GET_REGION_INFO: self._replying(self.region_info_at),
+            Command.REGION_READ: self._replying(self.read_at),
+            Command.REGION_WRITE: self._replying(self.write_at),
             Command.REGION_WRITE_MULTI: self._write_multi,
             Command.DEVICE_RESET: self._reset,
         }
@@ -100,6 +100,17 @@ class Regions(CommandGroup):
             Command.REGION_WRITE: self.write_at,
             Command.DEVICE_GET_REGION_INFO: self.region_info_at,
         }
+
+    def _replying(self, handler: MessageHandler) -> Handler:
+        """``handler`` as a command handler of a framed payload, which sends its reply."""
+        send = self._send
+
+        def run(msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
+            reply = handler(msg_id, flags, payload, 0, len(payload))
+            if reply is not None:
+                send(reply)
+
+        return run
 
     def invalidate(self) -> None:
         """Forget the region info replies: the next ones are asked of the device again."""
@@ -119,11 +130,6 @@ class Regions(CommandGroup):
             flags,
             DEVICE_INFO.pack(DEVICE_INFO.size, info.flags, info.num_regions, info.num_irqs),
         )
-
-    def _region_info(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        reply = self.region_info_at(msg_id, flags, payload, 0, len(payload))
-        if reply is not None:
-            self._send(reply)
 
     def region_info_at(
         self, msg_id: int, flags: int, message: memoryview, start: int, end: int
@@ -206,11 +212,6 @@ class Regions(CommandGroup):
 
     # -- region access (the hot path: no validation beyond bounds, no formatting) -------
 
-    def _region_read(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        reply = self.read_at(msg_id, flags, payload, 0, len(payload))
-        if reply is not None:
-            self._send(reply)
-
     def read_at(
         self, msg_id: int, flags: int, message: memoryview, start: int, end: int
     ) -> bytes | None:
@@ -230,11 +231,6 @@ class Regions(CommandGroup):
         return (
             _pack_reply(msg_id, _READ, _RW_REPLY_SIZE + size, REPLY, 0, offset, index, size) + data
         )
-
-    def _region_write(self, msg_id: int, flags: int, payload: memoryview, fds: list[int]) -> None:
-        reply = self.write_at(msg_id, flags, payload, 0, len(payload))
-        if reply is not None:
-            self._send(reply)
 
     def write_at(
         self, msg_id: int, flags: int, message: memoryview, start: int, end: int
