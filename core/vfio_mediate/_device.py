@@ -136,6 +136,7 @@ class MediatedDevice:
         self._logging.stop_quietly()
         self._migration = DeviceMigration(self.name, None)
         self._logging = DmaLogging(self.name, None)
+        self._irqs.close()
         self._irqs = IrqRouting(self.name, self.backend, None)
         self._winner = None
         if winner is not None:

@@ -60,7 +60,7 @@ class DeviceModel(Protocol):
     - ``bar_read(bar, offset, count)``: a read of a trapped BAR register: exactly ``count``
       bytes, or ``None`` to read the BAR's memory;
     - ``computed_reads(bar)``: the ``(offset, size)`` ranges of BAR ``bar`` whose reads
-      ``bar_read`` computes, asked once when the device opens (``None``: any read may be).
+      ``bar_read`` computes, asked once when the device is built (``None``: any read may be).
       A read that touches none of them reads the BAR's memory without calling ``bar_read``,
       so ``bar_read`` must answer ``None`` for every such read;
     - ``bar_write(bar, offset, data)``: a write of a trapped BAR register: ``True`` when the

@@ -36,7 +36,7 @@ Lifecycle of a device:
 Threads: the hooks of one device are called one at a time (the device's lock), except two.
 ``mediator_rw`` runs for every access a client makes, takes no lock, and may run from several
 threads at once and while any other hook of the same device runs (never across
-``mediator_release``); ``mediator_irq`` runs on the thread that delivers an interrupt. Hooks of
+``mediator_release``); ``mediator_irq`` runs on an interrupt relay thread. Hooks of
 different devices run at the same time in different threads: per-device state lives in the
 handle, and whatever handles share needs a lock. Thread-safe, to call from any thread (a device
 model's too): ``log.mark``, the device's ``read``/``write``/``mmap``/``region_info`` and
@@ -214,10 +214,9 @@ def mediator_irq_observe(handle: Any, index: int) -> Any:
 def mediator_irq(handle: Any, index: int, vector: int) -> Any:
     """An observed vector fired (see ``mediator_irq_observe``). Return ``False`` to swallow the
     interrupt (the client does not see it); anything else forwards it. Keep it short: it runs
-    once per interrupt, on the thread that delivers it (for a device bound to vfio-pci a relay
-    thread, for an emulated one the thread its model raised the interrupt on), concurrently
-    with the device's other hooks. An exception is logged and the interrupt forwarded
-    (``access-errors``).
+    on the device's interrupt relay thread (whatever the backend), once per interrupt, never
+    inside the device's lock, concurrently with the device's other hooks. An exception is
+    logged and the interrupt forwarded (``access-errors``).
     """
 
 

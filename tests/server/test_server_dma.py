@@ -263,6 +263,29 @@ def test_commands_pipelined_behind_a_dma_wait_run_after_it_in_order(
     assert guest[:32] == b"\x3c" * 32 and client.dma_requests_served == 1
 
 
+def test_a_command_sent_while_a_lone_command_waits_for_dma_runs_right_after_it(
+    test_endpoint: DeviceEndpoint, connect: Callable[..., VfioUserClient]
+) -> None:
+    """The doorbell arrives alone (the read loop's usual path) and waits for the DMA reply;
+    a read sent meanwhile is held, and answered as soon as the doorbell is, before a read sent
+    after both."""
+    client = connect(test_endpoint, timeout=5.0)
+    guest = bytearray(PAGE)
+    client.dma_map_messages(IOVA, guest)
+    client.write(0, REG_SRC, struct.pack("<QQI", 0x3C, IOVA, 32))
+    doorbell = struct.pack("<QII", REG_DOORBELL, 0, 4) + struct.pack("<I", CMD_FILL)
+    client.send_raw(pack_message(101, Command.REGION_WRITE, doorbell))
+    time.sleep(0.2)  # the doorbell is read alone, and waits for its DMA request's reply
+    client.send_raw(pack_message(102, Command.REGION_READ, struct.pack("<QII", REG_DONE, 0, 4)))
+    time.sleep(0.2)  # read by the session while the doorbell still waits: held
+    assert not client.wait_reply(101).is_error  # serves the DMA request on the way
+    assert client.dma_requests_served == 1
+    assert client.wait_reply(102).payload[16:] == struct.pack("<I", 1)
+    client.send_raw(pack_message(103, Command.REGION_READ, struct.pack("<QII", REG_DONE, 0, 4)))
+    assert client.receive().msg_id == 103
+    assert guest[:32] == b"\x3c" * 32
+
+
 def test_a_client_that_ignores_dma_holds_up_no_other_device(
     make_test_device: Callable[[str], MediatedDevice],
     socket_dir: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ from ._traffic import logged_traffic, workload_for
 from ._verdict import Ledger, checks, describe, fail, reporting_to
 
 S = MigrationState
+_RELAY_WAIT = 10.0
+"""Seconds the interrupts of observed vectors may take through the relay thread."""
 
 
 @dataclass(frozen=True)
@@ -425,52 +428,13 @@ class TestConduct:
     def test_interrupt_routing(self, targets: Targets, rig: DeviceRig) -> None:
         """Routing every MSI-X vector asks the mediator which it observes: vectors the device
         has, or none (a refusal is an ``OSError`` with an errno). Then every vector the device
-        raises reaches the client, through ``mediator_irq`` first when it is observed."""
+        raises reaches the client, an observed one through ``mediator_irq`` first (on the
+        device's relay thread)."""
         for target in targets:
             with rig.opened(target, "irq") as device:
                 vectors = device.irq_info(IrqIndex.MSIX).count
-                if not vectors:
-                    continue
-                fired: list[int] = []
-                since = len(rig.recorder.calls)
-                try:
-                    device.set_irq_triggers(
-                        IrqIndex.MSIX,
-                        0,
-                        [functools.partial(fired.append, vector) for vector in range(vectors)],
-                    )
-                except OSError:
-                    continue  # refused, with an errno (the core checks that)
-                observed = {
-                    int(vector)
-                    for call in rig.recorder.of("mediator_irq_observe", since)
-                    for vector in call.result or ()
-                }
-                absent = sorted(vector for vector in observed if not 0 <= vector < vectors)
-                if absent:
-                    fail(
-                        Rule.ACCESS_ERRORS,
-                        f"{target}: mediator_irq_observe named MSI-X vector(s) {absent[:4]}, "
-                        f"which the device (with {vectors}) does not have",
-                    )
-                backend = device.backend
-                assert isinstance(backend, EmulatedPciDevice)  # the rig's devices are
-                for vector in range(vectors):
-                    backend.raise_msix(vector)
-                relayed = [call.args.get("vector") for call in rig.recorder.of("mediator_irq")]
-                lost = [
-                    vector
-                    for vector in range(vectors)
-                    if vector not in observed and fired.count(vector) != 1
-                ]
-                unasked = [vector for vector in observed if vector not in relayed]
-                if lost or unasked:
-                    fail(
-                        Rule.ACCESS_ERRORS,
-                        f"{target}: MSI-X vector(s) {lost[:4]} did not reach the client, "
-                        f"observed vector(s) {unasked[:4]} never reached mediator_irq",
-                    )
-                device.set_irq_triggers(IrqIndex.MSIX, 0, [None] * vectors)
+                if vectors:
+                    _route_and_raise(device, target, rig, vectors)
 
     @checks(Rule.ISOLATION)
     def test_isolation(self, targets: Targets, rig: DeviceRig) -> None:
@@ -741,3 +705,47 @@ def _mediator_state(device: MediatedDevice, target: Target) -> dict[str, object]
 def _shadowed(device: MediatedDevice, index: int, offset: int, read: object) -> bool:
     """Whether a register read through the mediator shows other bytes than the device has."""
     return isinstance(read, bytes) and read != device.backend.read(index, offset, len(read))
+
+
+def _route_and_raise(device: MediatedDevice, target: Target, rig: DeviceRig, vectors: int) -> None:
+    fired: list[int] = []
+    since = len(rig.recorder.calls)
+    try:
+        device.set_irq_triggers(
+            IrqIndex.MSIX, 0, [functools.partial(fired.append, vector) for vector in range(vectors)]
+        )
+    except OSError:
+        return  # refused, with an errno (the core checks that)
+    try:
+        observed = {
+            int(vector)
+            for call in rig.recorder.of("mediator_irq_observe", since)
+            for vector in call.result or ()
+        }
+        absent = sorted(vector for vector in observed if not 0 <= vector < vectors)
+        if absent:
+            fail(
+                Rule.ACCESS_ERRORS,
+                f"{target}: mediator_irq_observe named MSI-X vector(s) {absent[:4]}, which the "
+                f"device (with {vectors}) does not have",
+            )
+        backend = device.backend
+        assert isinstance(backend, EmulatedPciDevice)  # the rig's devices are
+        for vector in range(vectors):
+            backend.raise_msix(vector)
+        deadline = time.monotonic() + _RELAY_WAIT
+        while True:
+            relayed = {call.args.get("vector") for call in rig.recorder.of("mediator_irq", since)}
+            if observed <= relayed or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        lost = [v for v in range(vectors) if v not in observed and fired.count(v) != 1]
+        unasked = sorted(observed - relayed)
+        if lost or unasked:
+            fail(
+                Rule.ACCESS_ERRORS,
+                f"{target}: MSI-X vector(s) {lost[:4]} did not reach the client, observed "
+                f"vector(s) {unasked[:4]} never reached mediator_irq",
+            )
+    finally:
+        device.set_irq_triggers(IrqIndex.MSIX, 0, [None] * vectors)

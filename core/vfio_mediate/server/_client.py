@@ -140,7 +140,9 @@ class VfioUserClient:
     ``AccessError`` with the server's errno. While it waits, the client serves the server's
     DMA_READ/DMA_WRITE requests for memory mapped with ``dma_map_messages`` (``poll`` serves them
     when idle), in ``dma_layout`` (the server must be configured with the same). It announces
-    the capabilities QEMU's client does.
+    the capabilities QEMU's client does. Replies to region reads and writes are read with a
+    plain ``recv`` (cheaper than ``recvmsg``): an fd a server sends along with one (none is
+    due) is closed by the kernel rather than reported.
     """
 
     def __init__(

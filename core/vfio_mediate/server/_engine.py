@@ -5,7 +5,8 @@ buffer, then the commands it brought, in arrival order, each through a handler t
 (indexed by command number; the table before VERSION answers only VERSION). A read that is one
 whole region access or region info command (the usual read) goes to its handler as it lies in
 the buffer, and the read loop writes the reply itself, under the sender's lock: no payload
-copy, no framer, no call of ``Sender.send`` on the path every access takes.
+copy (a write's data is copied once), no framer, no call of ``Sender.send`` on the path
+every access takes.
 
 Nothing a session waits for holds up another device: its reads, its replies to a client that
 does not read, and its device's DMA by messages block only its own thread. Devices share the
@@ -306,7 +307,7 @@ class Session:
         buffers, view = [buffer], memoryview(buffer)
         # At this level nothing is nested nor held: a command runs at once.
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
-        table, fast = self._table, self._fast
+        table, fast, held = self._table, self._fast, self._held
         # The reply path of ``Sender.send``, written out here: it is every command's.
         write, fd, sender = os.write, self._fd, self._sender
         acquire, release, finish, failed = (
@@ -335,7 +336,7 @@ class Session:
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
                             continue
-                        if reply is not None:
+                        if reply is not None and not sender.broken:
                             acquire()
                             try:
                                 sent = write(fd, reply)
@@ -345,6 +346,8 @@ class Session:
                                 failed(exc)
                             finally:
                                 release()
+                        if held:  # commands that came while it waited for a DMA reply
+                            self._run_held()
                         continue
                     handler = table[command] if command < _TABLE_SIZE else self._fallback
                     try:
@@ -354,6 +357,8 @@ class Session:
                     else:
                         if command not in keeps:
                             invalidate()
+                    if held:
+                        self._run_held()
                     table = self._table  # VERSION negotiated: the whole table from now on
                     continue
             if self._take(view[:size].tobytes(), ancdata, msg_flags):
@@ -449,6 +454,10 @@ class Session:
             self._hold(msg_id, command, flags, payload, fds)
             return
         self._run_command(msg_id, command, flags, payload, fds)
+        self._run_held()
+
+    def _run_held(self) -> None:
+        """Run, in order, the commands held while a command waited for a DMA reply."""
         held = self._held
         while held and not self._discard:
             item = held.popleft()

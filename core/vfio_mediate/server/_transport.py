@@ -162,7 +162,8 @@ class Sender:
         self._lock = threading.Lock()
         # Bound once: a ``with`` block costs twice these two calls on every reply.
         self._acquire, self._release = self._lock.acquire, self._lock.release
-        self._broken = False
+        self.broken = False
+        """Whether a send failed or ``close`` was called: nothing more is sent."""
         seconds = int(timeout)
         sock.setsockopt(
             _SOL,
@@ -173,8 +174,9 @@ class Sender:
     @property
     def lock(self) -> threading.Lock:
         """The lock every send holds. A caller that writes a message itself (the session's
-        own reply path, without the call of ``send``) holds it, writes with ``os.write`` on
-        ``fd``, and calls ``finish`` after a partial write and ``failed`` on an error."""
+        own reply path, without the call of ``send``) writes nothing once ``broken``, else
+        holds it, writes with ``os.write`` on ``fd``, and calls ``finish`` after a partial
+        write and ``failed`` on an error."""
         return self._lock
 
     @property
@@ -186,7 +188,7 @@ class Sender:
         """Send one message with ``fds``; waits while the client's socket is full."""
         self._acquire()
         try:
-            if self._broken:
+            if self.broken:
                 return
             if fds:
                 ancillary = [(_SOL, _SCM, array.array("i", fds))]
@@ -207,9 +209,9 @@ class Sender:
 
     def failed(self, exc: OSError) -> None:
         """A send failed with ``exc`` (lock held): send nothing more, and report it once."""
-        if self._broken:
+        if self.broken:
             return
-        self._broken = True
+        self.broken = True
         if isinstance(exc, BlockingIOError):
             self._on_error(f"the client read no reply for {self._timeout} s")
         else:
@@ -218,7 +220,7 @@ class Sender:
     def close(self) -> None:
         """Send nothing more."""
         with self._lock:
-            self._broken = True
+            self.broken = True
 
 
 def is_eventfd(fd: int) -> bool:
