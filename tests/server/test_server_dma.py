@@ -20,6 +20,7 @@ from vfio_mediate.server import (
     Command,
     DeviceEndpoint,
     DmaLayout,
+    HeaderFlag,
     ServerConfig,
     VfioUserClient,
     pack_message,
@@ -284,6 +285,33 @@ def test_a_command_sent_while_a_lone_command_waits_for_dma_runs_right_after_it(
     client.send_raw(pack_message(103, Command.REGION_READ, struct.pack("<QII", REG_DONE, 0, 4)))
     assert client.receive().msg_id == 103
     assert guest[:32] == b"\x3c" * 32
+
+
+def test_a_command_held_behind_a_dma_wait_that_fails_still_runs(
+    make_test_device: Callable[[str], MediatedDevice],
+    socket_dir: Path,
+    connect: Callable[..., VfioUserClient],
+) -> None:
+    """The lone doorbell's DMA request goes unanswered and the doorbell is refused; the read
+    held behind it is answered right after the refusal."""
+    with BackgroundServer(ServerConfig(dma_timeout=0.5)) as quick:
+        endpoint = quick.add(make_test_device("svtest-held"), socket_dir / "held.sock")
+        client = connect(endpoint, timeout=5.0)
+        client.dma_map_messages(IOVA, bytearray(PAGE))
+        client.write(0, REG_SRC, struct.pack("<QQI", 0x3C, IOVA, 32))
+        doorbell = struct.pack("<QII", REG_DOORBELL, 0, 4) + struct.pack("<I", CMD_FILL)
+        client.send_raw(pack_message(101, Command.REGION_WRITE, doorbell))
+        time.sleep(0.1)  # the doorbell is read alone and waits for its DMA request's reply
+        done = struct.pack("<QII", REG_DONE, 0, 4)
+        client.send_raw(pack_message(102, Command.REGION_READ, done))
+        replies = []
+        while len(replies) < 2:
+            message = client.receive()
+            if message.flags & 0xF == HeaderFlag.REPLY:
+                replies.append(message)  # the DMA request itself is left unanswered
+        assert [reply.msg_id for reply in replies] == [101, 102]
+        assert replies[0].is_error and replies[0].error == errno.ETIMEDOUT
+        assert not replies[1].is_error and replies[1].payload[16:] == bytes(4)
 
 
 def test_a_client_that_ignores_dma_holds_up_no_other_device(

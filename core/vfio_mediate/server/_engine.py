@@ -305,7 +305,8 @@ class Session:
         # is (nothing keeps it); anything else is copied out for the framer.
         buffer = bytearray(_RECV_SIZE)
         buffers, view = [buffer], memoryview(buffer)
-        # At this level nothing is nested nor held: a command runs at once.
+        # At this level nothing is nested: a command runs at once (what comes while it waits
+        # for a DMA reply is held, and runs right after it).
         unpack, keeps, invalidate = HEADER.unpack_from, _KEEPS_REGION_INFO, self._regions.invalidate
         table, fast, held = self._table, self._fast, self._held
         # The reply path of ``Sender.send``, written out here: it is every command's.
@@ -335,7 +336,7 @@ class Session:
                             reply = hot(msg_id, flags, view, HEADER_SIZE, size)
                         except Exception as exc:
                             self._refuse(exc, msg_id, command, flags)
-                            continue
+                            reply = None
                         if reply is not None and not sender.broken:
                             acquire()
                             try:

@@ -215,9 +215,9 @@ class Regions(CommandGroup):
     def read_at(
         self, msg_id: int, flags: int, message: memoryview, start: int, end: int
     ) -> bytes | None:
-        """REGION_READ whose payload is ``message[start:end]``: the engine's path for a whole
-        message read alone, its header left in front (no payload view is built); the reply,
-        or ``None`` for a command that wants none."""
+        """REGION_READ whose payload is ``message[start:end]`` (for a whole message read
+        alone, the engine's receive buffer with the header in front; for a framed one, its
+        payload): the reply, or ``None`` for a command that wants none."""
         if end - start < _RW_SIZE:
             raise AccessError(errno.EINVAL, f"REGION_READ payload of {end - start} bytes")
         offset, index, count = _unpack_rw(message, start)
