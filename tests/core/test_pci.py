@@ -14,6 +14,7 @@ import pytest
 
 from vfio_mediate import AccessError, DeviceSpec, DeviceSpecError, EmulatedPciDevice
 from vfio_mediate._pci import PciConfig
+from vfio_mediate._regions import Reader, Writer
 from vfio_mediate._spec import load_spec
 from vfio_mediate.uapi import IrqIndex, RegionFlag, RegionIndex
 
@@ -26,6 +27,17 @@ def cfg_read(device: EmulatedPciDevice, offset: int, size: int) -> int:
 
 def cfg_write(device: EmulatedPciDevice, offset: int, size: int, value: int) -> None:
     device.write(CFG, offset, value.to_bytes(size, "little"))
+
+
+def assert_refused(read: Reader, write: Writer, accesses: tuple[tuple[int, int], ...]) -> None:
+    """Each ``(offset, count)`` read and written through the handlers is refused (EINVAL)."""
+    for offset, count in accesses:
+        with pytest.raises(AccessError) as error:
+            read(offset, count)
+        assert error.value.errno == errno.EINVAL
+        with pytest.raises(AccessError) as error:
+            write(offset, b"\0" * count)
+        assert error.value.errno == errno.EINVAL
 
 
 def test_identity_is_read_only(virtio_device: EmulatedPciDevice) -> None:
@@ -233,13 +245,7 @@ def test_bound_config_handlers_behave_as_read_and_write(virtio_device: EmulatedP
     assert read(PciConfig.VENDOR_ID, 4) == struct.pack("<I", 0x1041_1AF4)
     write(PciConfig.COMMAND, struct.pack("<H", 0xFFFF))
     assert cfg_read(virtio_device, PciConfig.COMMAND, 2) == 0x0547  # the writable bits only
-    for offset, count in ((-1, 4), (0xFFE, 4), (0, 0)):
-        with pytest.raises(AccessError) as error:
-            read(offset, count)
-        assert error.value.errno == errno.EINVAL
-        with pytest.raises(AccessError) as error:
-            write(offset, b"\0" * count)
-        assert error.value.errno == errno.EINVAL
+    assert_refused(read, write, ((-1, 4), (0xFFE, 4), (0, 0)))
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         virtio_device.set_irq_triggers(IrqIndex.MSIX, 1, [lambda: os.eventfd_write(efd, 1)])
@@ -337,10 +343,4 @@ def test_bound_bar_handlers_behave_as_read_and_write(virtio_device: EmulatedPciD
     virtio_device.raise_msix(0)
     assert write(0x1000, b"\x00") == 1  # the PBA is read-only
     assert read(0x1000, 1)[0] == 1
-    for offset, count in ((-1, 4), (0x1FFE, 4), (0, 0)):
-        with pytest.raises(AccessError) as error:
-            read(offset, count)
-        assert error.value.errno == errno.EINVAL
-        with pytest.raises(AccessError) as error:
-            write(offset, b"\0" * count)
-        assert error.value.errno == errno.EINVAL
+    assert_refused(read, write, ((-1, 4), (0x1FFE, 4), (0, 0)))
